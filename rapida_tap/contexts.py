@@ -1,0 +1,151 @@
+"""Call contexts: what registration hands to the media connection, single-use and short-lived."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
+
+from rapida_tap.interfaces import IContextStore
+
+INBOUND = "inbound"
+OUTBOUND = "outbound"
+
+
+class ContextError(Exception):
+    """A media connection presented a context id that cannot start a call."""
+
+    reason = "context-refused"
+
+
+class ContextUnknown(ContextError):
+    reason = "context-unknown"
+
+
+class ContextExpired(ContextError):
+    reason = "context-expired"
+
+
+class ContextReused(ContextError):
+    reason = "context-reused"
+
+
+class ContextStoreUnavailable(Exception):
+    """The store cannot be reached (e.g. Redis is down); registration answers 503."""
+
+
+def new_context_id() -> str:
+    """A random (version 4) UUID in canonical text form: 122 unguessable bits.
+
+    Asterisk's ``AudioSocket()`` refuses any id that is not exactly ``8-4-4-4-12``.
+    """
+    return str(uuid.uuid4())
+
+
+def is_context_id(text: str) -> bool:
+    """True for a canonical lower-case UUID text, the only form the daemon ever mints."""
+    if len(text) != 36:
+        return False
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class CallContext:
+    """One registered call, before and while its media connection runs.
+
+    ``created_at`` is in seconds on the daemon's clock (``IReactorTime.seconds``).
+    """
+
+    context_id: str
+    assistant_id: str
+    caller: str = ""
+    direction: str = INBOUND
+    created_at: float = 0.0
+    variables: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CallContext:
+        data: dict[str, Any] = json.loads(text)
+        return cls(
+            context_id=str(data["context_id"]),
+            assistant_id=str(data["assistant_id"]),
+            caller=str(data.get("caller", "")),
+            direction=str(data.get("direction", INBOUND)),
+            created_at=float(data.get("created_at", 0.0)),
+            variables={str(k): str(v) for k, v in data.get("variables", {}).items()},
+        )
+
+
+@implementer(IContextStore)
+class MemoryContextStore:
+    """The embedded default: contexts of this process only.
+
+    Expired and claimed ids are remembered for ``tombstone_ttl`` seconds so that a refusal
+    can say *why* (expired, reused) rather than just "unknown".
+    """
+
+    def __init__(self, clock: IReactorTime, tombstone_ttl: float = 600.0) -> None:
+        self._clock = clock
+        self._tombstone_ttl = tombstone_ttl
+        self._live: dict[str, tuple[CallContext, IDelayedCall]] = {}
+        self._tombstones: dict[str, tuple[type[ContextError], IDelayedCall]] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def mint(self, context: CallContext, ttl: float) -> defer.Deferred[str]:
+        cid = context.context_id
+        if cid in self._live or cid in self._tombstones:
+            return defer.fail(ValueError(f"context id {cid} already used"))
+        timer = self._clock.callLater(ttl, self._expire, cid)
+        self._live[cid] = (context, timer)
+        return defer.succeed(cid)
+
+    def claim(self, context_id: str) -> defer.Deferred[CallContext]:
+        entry = self._live.pop(context_id, None)
+        if entry is None:
+            tomb = self._tombstones.get(context_id)
+            return defer.fail((tomb[0] if tomb else ContextUnknown)(context_id))
+        context, timer = entry
+        timer.cancel()
+        self._bury(context_id, ContextReused)
+        return defer.succeed(context)
+
+    def get(self, context_id: str) -> defer.Deferred[CallContext | None]:
+        entry = self._live.get(context_id)
+        return defer.succeed(entry[0] if entry else None)
+
+    def discard(self, context_id: str) -> defer.Deferred[None]:
+        entry = self._live.pop(context_id, None)
+        if entry is not None:
+            entry[1].cancel()
+            self._bury(context_id, ContextExpired)
+        return defer.succeed(None)
+
+    def close(self) -> None:
+        """Cancel every timer (service stop, tests)."""
+        for _, timer in self._live.values():
+            timer.cancel()
+        for _, timer in self._tombstones.values():
+            timer.cancel()
+        self._live.clear()
+        self._tombstones.clear()
+
+    def _expire(self, context_id: str) -> None:
+        del self._live[context_id]
+        self._bury(context_id, ContextExpired)
+
+    def _bury(self, context_id: str, why: type[ContextError]) -> None:
+        timer = self._clock.callLater(self._tombstone_ttl, self._tombstones.pop, context_id, None)
+        self._tombstones[context_id] = (why, timer)

@@ -1,0 +1,97 @@
+"""The seams of the daemon: each has an in-memory implementation and at least one other.
+
+Audio crossing these interfaces is always the bridge format: PCM16 little-endian, 8 kHz, mono,
+in 20 ms frames of 320 bytes (``rapida_tap.media.audio``).  Transports convert their wire
+formats at the edge; assistants never see them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.defer import Deferred
+
+    from rapida_tap.contexts import CallContext
+    from rapida_tap.media.call import Call
+
+
+class IContextStore(Interface):
+    """Where registered calls wait for their media connection.
+
+    A context is minted by registration (or by an outbound originate) and claimed exactly once
+    by the transport that carries its audio.  Claiming is atomic even across nodes.
+    """
+
+    def mint(context: CallContext, ttl: float) -> Deferred[str]:
+        """Store ``context`` for ``ttl`` seconds; fire with its id."""
+
+    def claim(context_id: str) -> Deferred[CallContext]:
+        """Take the context, once.
+
+        Fires with the context, or fails with ``ContextUnknown`` / ``ContextExpired`` /
+        ``ContextReused`` (stores that cannot tell these apart use ``ContextUnknown``), or
+        ``ContextStoreUnavailable`` when the store cannot be reached.
+        """
+
+    def get(context_id: str) -> Deferred[CallContext | None]:
+        """Look at an unclaimed context without claiming it."""
+
+    def discard(context_id: str) -> Deferred[None]:
+        """Forget an unclaimed context (e.g. an outbound call that was never answered)."""
+
+
+class ICallLeg(Interface):
+    """A transport's side of one call (AudioSocket connection, chan_websocket session)."""
+
+    transport_name = Attribute("Short name for logs and metrics: 'audiosocket', 'websocket'.")
+
+    def send_audio(frame: bytes) -> None:
+        """Write one 20 ms bridge-format frame; called by the pacer, exactly once per tick."""
+
+    def send_silence() -> None:
+        """The pacer had nothing queued for this tick."""
+
+    def send_clear() -> None:
+        """Barge-in: the bridge emptied its queue; drop whatever the far end still buffers."""
+
+    def send_mark(name: str) -> None:
+        """All audio queued before mark ``name`` has been written.
+
+        The leg calls ``call.mark_played(name)`` when the caller has heard it (at once for
+        transports that play on receipt, on the peer's acknowledgement otherwise).
+        """
+
+    def hangup(reason: str) -> None:
+        """End the transport side of the call (the call itself is already ending)."""
+
+
+class IAssistant(Interface):
+    """Something a call can talk to: the echo, an upstream bot..."""
+
+    name = Attribute("For logs: 'echo', the bot URL without credentials.")
+
+    def connect(call: Call) -> Deferred[IAssistantSession]:
+        """Start a session for ``call``; fail if the assistant cannot be reached."""
+
+
+class IAssistantSession(Interface):
+    """One assistant's side of one call.
+
+    The session drives the call through ``call.play(pcm)``, ``call.mark(name)``,
+    ``call.clear()`` and ``call.hangup(reason)``.
+    """
+
+    def audio_received(pcm: bytes) -> None:
+        """Caller audio, bridge format; any length that is a multiple of 2 bytes."""
+
+    def dtmf_received(digit: str) -> None:
+        """The caller pressed ``digit`` (one of ``0-9*#A-D``)."""
+
+    def mark_played(name: str) -> None:
+        """The caller has heard everything queued before ``call.mark(name)``."""
+
+    def close(reason: str) -> None:
+        """The call ended (for ``reason``); release everything."""
