@@ -38,6 +38,8 @@ class ContextReused(ContextError):
 class ContextStoreUnavailable(Exception):
     """The store cannot be reached (e.g. Redis is down); registration answers 503."""
 
+    reason = "context-store-unavailable"
+
 
 def new_context_id() -> str:
     """A random (version 4) UUID in canonical text form: 122 unguessable bits.

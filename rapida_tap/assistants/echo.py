@@ -1,0 +1,40 @@
+"""The embedded default assistant: the caller hears themself, frame for frame."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from rapida_tap.interfaces import IAssistant, IAssistantSession
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rapida_tap.media.call import Call
+
+
+@implementer(IAssistantSession)
+class EchoSession:
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self.digits: list[str] = []
+
+    def audio_received(self, pcm: bytes) -> None:
+        self._call.play(pcm)
+
+    def dtmf_received(self, digit: str) -> None:
+        self.digits.append(digit)
+
+    def mark_played(self, name: str) -> None:
+        pass
+
+    def close(self, reason: str) -> None:
+        pass
+
+
+@implementer(IAssistant)
+class EchoAssistant:
+    name = "echo"
+
+    def connect(self, call: Call) -> defer.Deferred[IAssistantSession]:
+        return defer.succeed(EchoSession(call))

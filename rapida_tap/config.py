@@ -1,0 +1,156 @@
+"""Settings: embedded defaults < TOML file < environment < command line, validated once.
+
+Every problem is a ``ConfigError`` whose message starts with the setting's name, so start-up
+fails with one line a user can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.python import usage
+
+
+class ConfigError(usage.UsageError):
+    """A setting has a bad value; ``str()`` names the setting."""
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything the daemon can be told; ``etc/rapida-asterisk.toml`` explains each one."""
+
+    audiosocket: str = "tcp:4573"
+    http: str = "tcp:8080"
+    https: str = ""
+    api_keys: list[str] = dataclasses.field(default_factory=list)
+    assistant: str = "echo"
+    contexts: str = "memory"
+    public_url: str = ""
+    context_ttl: float = 30.0
+    idle_timeout: float = 60.0
+    id_timeout: float = 5.0
+    stall_timeout: float = 5.0
+    rate_limit: float = 20.0
+    rate_burst: int = 40
+    max_connections: int = 5000
+    max_audio_payload: int = 8192
+    assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    providers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    api_key_generated: bool = False
+
+
+# Settings a user may give as a string (file, environment, command line), with their types.
+SCALARS: dict[str, type] = {
+    "audiosocket": str,
+    "http": str,
+    "https": str,
+    "assistant": str,
+    "contexts": str,
+    "public_url": str,
+    "context_ttl": float,
+    "idle_timeout": float,
+    "id_timeout": float,
+    "stall_timeout": float,
+    "rate_limit": float,
+    "rate_burst": int,
+    "max_connections": int,
+    "max_audio_payload": int,
+}
+TABLES = ("assistants", "providers")
+ENV_PREFIX = "RAPIDA_"
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+
+
+def build_settings(
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    cli_values: Mapping[str, Any],
+    cli_api_keys: list[str],
+) -> Settings:
+    """Merge the layers and validate the result."""
+    settings = Settings()
+    for name, value in file_values.items():
+        key = name.replace("-", "_")
+        if key in SCALARS:
+            setattr(settings, key, _coerce(key, value))
+        elif key in TABLES:
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(f"{key}: must be a table of tables, e.g. [{key}.NAME]")
+            setattr(settings, key, value)
+        elif key == "api_keys":
+            if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+                raise ConfigError("api_keys: must be a list of strings")
+            settings.api_keys = list(value)
+        else:
+            raise ConfigError(f"{name}: unknown setting in the config file")
+    for key in SCALARS:
+        env_value = environ.get(ENV_PREFIX + key.upper())
+        if env_value:
+            setattr(settings, key, _coerce(key, env_value, source=ENV_PREFIX + key.upper()))
+    if environ.get("RAPIDA_API_KEYS"):
+        settings.api_keys = [k.strip() for k in environ["RAPIDA_API_KEYS"].split(",") if k.strip()]
+    for key, value in cli_values.items():
+        if value is not None:
+            setattr(settings, key, _coerce(key, value, source="--" + key.replace("_", "-")))
+    if cli_api_keys:
+        settings.api_keys = list(cli_api_keys)
+    validate(settings)
+    return settings
+
+
+def _coerce(key: str, value: Any, source: str | None = None) -> Any:
+    kind = SCALARS[key]
+    name = source or key
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string")
+        return value.strip()
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}") from None
+
+
+def validate(s: Settings) -> None:
+    for key in ("context_ttl", "id_timeout", "stall_timeout", "rate_limit"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if s.idle_timeout < 0:
+        raise ConfigError("idle_timeout: must be 0 (off) or more seconds")
+    for key in ("rate_burst", "max_connections"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if not 320 <= s.max_audio_payload <= 65535:
+        raise ConfigError("max_audio_payload: must be between 320 and 65535 bytes")
+    for key in s.api_keys:
+        if len(key) < 8 or len(key) > 256 or not key.isprintable() or " " in key:
+            raise ConfigError(
+                "api_keys: each key must be 8 to 256 printable characters without spaces"
+            )
+    if s.contexts != "memory" and not s.contexts.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"--contexts: {s.contexts!r} is neither 'memory' nor a redis:// URL")
+    if s.assistant != "echo" and not s.assistant.startswith(("ws://", "wss://")):
+        raise ConfigError(
+            f"--assistant: {s.assistant!r} is neither 'echo' nor a ws:// or wss:// URL"
+        )
+    if s.public_url:
+        parts = urlsplit(s.public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--public-url: {s.public_url!r} is not an http(s):// URL")
+    if not s.audiosocket and not s.http and not s.https:
+        raise ConfigError("--audiosocket/--http/--https: at least one listener is needed")

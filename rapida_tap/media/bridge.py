@@ -1,0 +1,136 @@
+"""The media bridge shared by every transport: claim a context, start a call, end it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rapida_tap.media.call import ASSISTANT_FAILED, SHUTDOWN, Call
+from rapida_tap.media.pacer import Pacer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rapida_tap.assistants.registry import AssistantRegistry
+    from rapida_tap.contexts import CallContext
+    from rapida_tap.interfaces import IAssistantSession, ICallLeg, IContextStore
+
+
+class NotAccepting(Exception):
+    """The node is draining or stopping: new calls are refused."""
+
+    reason = "not-accepting"
+
+
+class UnknownAssistant(Exception):
+    reason = "unknown-assistant"
+
+
+class MediaBridge:
+    """Owns the live calls of this node, the shared pacer, and the path from context id to call.
+
+    ``open_call`` is what a transport calls once it knows the context id: it claims the context
+    (single use), creates the ``Call`` (paced from that moment, so Asterisk hears silence rather
+    than nothing while the assistant connects) and connects the assistant.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        contexts: IContextStore,
+        assistants: AssistantRegistry,
+        pacer: Pacer | None = None,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.clock = clock
+        self.contexts = contexts
+        self.assistants = assistants
+        self.pacer = pacer if pacer is not None else Pacer(clock)
+        self.idle_timeout = idle_timeout
+        self.accepting = True
+        self.calls: dict[str, Call] = {}
+        self.calls_total = 0
+        self.ended_by_reason: dict[str, int] = {}
+        self.call_started: list[Callable[[Call], None]] = []
+        self.call_ended: list[Callable[[Call], None]] = []
+
+    def open_call(self, context_id: str, leg: ICallLeg) -> defer.Deferred[Call]:
+        """Claim ``context_id`` and start its call on ``leg``.
+
+        Fails with the store's ``ContextError`` (unknown, expired, reused),
+        ``ContextStoreUnavailable``, ``NotAccepting`` or ``UnknownAssistant``; the leg then
+        refuses the connection.  No ``Call`` exists on failure.
+        """
+        if not self.accepting:
+            return defer.fail(NotAccepting(context_id))
+        d = self.contexts.claim(context_id)
+        d.addCallback(self._start, leg)
+        return d
+
+    def _start(self, context: CallContext, leg: ICallLeg) -> Call:
+        assistant = self.assistants.lookup(context.assistant_id)
+        if assistant is None:
+            raise UnknownAssistant(context.assistant_id)
+        if not self.accepting:
+            raise NotAccepting(context.context_id)
+        call = Call(
+            context, leg, clock=self.clock, pacer=self.pacer, idle_timeout=self.idle_timeout
+        )
+        self.calls[context.context_id] = call
+        self.calls_total += 1
+        self.log.info(
+            "call {ctx} started: assistant={assistant_id} caller={caller!r} "
+            "transport={transport} direction={direction}",
+            ctx=context.context_id,
+            assistant_id=context.assistant_id,
+            caller=context.caller,
+            transport=leg.transport_name,
+            direction=context.direction,
+        )
+        call.ended.addCallback(self._ended, call)
+        for hook in self.call_started:
+            hook(call)
+        d = defer.maybeDeferred(assistant.connect, call)
+        d.addCallbacks(
+            self._attached, self._assistant_failed, (call, assistant.name), None, (call,)
+        )
+        return call
+
+    def _attached(self, session: IAssistantSession, call: Call, name: str) -> None:
+        call.attach(session, name)
+
+    def _assistant_failed(self, failure: Failure, call: Call) -> None:
+        call.end(ASSISTANT_FAILED, failure.getErrorMessage() or failure.type.__name__)
+
+    def _ended(self, reason: str, call: Call) -> str:
+        self.calls.pop(call.context_id, None)
+        self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
+        self.log.info(
+            "call {ctx} ended: {reason}{detail} after {duration:.1f}s; assistant={assistant_id} "
+            "caller={caller!r} transport={transport} frames_in={frames_in} "
+            "frames_out={frames_out} underruns={underruns}",
+            ctx=call.context_id,
+            reason=reason,
+            detail=f" ({call.end_detail})" if call.end_detail else "",
+            duration=call.duration(),
+            assistant_id=call.context.assistant_id,
+            caller=call.context.caller,
+            transport=call.leg.transport_name,
+            frames_in=call.frames_in,
+            frames_out=call.frames_out,
+            underruns=call.underruns,
+        )
+        for hook in self.call_ended:
+            hook(call)
+        return reason
+
+    def end_all(self, reason: str = SHUTDOWN) -> None:
+        """End every live call (service stop, end of a drain)."""
+        for call in list(self.calls.values()):
+            call.end(reason)

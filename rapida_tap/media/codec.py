@@ -1,0 +1,49 @@
+"""Audio conversions between wire formats and the bridge format (PCM16 8 kHz mono)."""
+
+from __future__ import annotations
+
+import warnings
+
+with warnings.catch_warnings():
+    # The standard library's audioop (to 3.12) warns of its removal; audioop-lts replaces it
+    # from 3.13 under the same name (setup.cfg installs it by environment marker).
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+import numpy as np
+import soxr
+
+from rapida_tap.media.audio import SAMPLE_RATE
+
+
+class Resampler:
+    """A streaming resampler for one direction of one call (keeps filter state across frames).
+
+    Output lengths vary a little from frame to frame (filter delay); over a call they add up to
+    the exact ratio.  Takes and returns PCM16 little-endian mono bytes.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality="HQ")
+
+    def __call__(self, pcm: bytes) -> bytes:
+        samples = np.frombuffer(pcm, dtype="<i2")
+        return self._stream.resample_chunk(samples).astype("<i2", copy=False).tobytes()
+
+
+def to_bridge(rate: int) -> Resampler:
+    return Resampler(rate, SAMPLE_RATE)
+
+
+def from_bridge(rate: int) -> Resampler:
+    return Resampler(SAMPLE_RATE, rate)
+
+
+def ulaw_to_pcm(ulaw: bytes) -> bytes:
+    return audioop.ulaw2lin(ulaw, 2)
+
+
+def pcm_to_ulaw(pcm: bytes) -> bytes:
+    return audioop.lin2ulaw(pcm, 2)

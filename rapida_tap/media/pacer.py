@@ -1,0 +1,107 @@
+"""One drift-free 20 ms clock for every call in the process.
+
+Asterisk plays whatever it receives at once, so the daemon must write exactly one frame per call
+every 20 ms.  One shared timer (rather than a timer per call) keeps that cheap for thousands of
+calls and keeps every call on the same grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from rapida_tap.media.audio import FRAME_SECONDS
+
+
+class Paced(Protocol):
+    def pace(self, catch_up: bool) -> None:
+        """Write this tick's frame (and, when ``catch_up``, one owed frame if audio is queued)."""
+
+
+class Pacer:
+    """Ticks on the grid ``start + n * interval`` while it has streams; idle otherwise.
+
+    Deadlines come from the grid, never from "now + interval", so lateness does not accumulate.
+    When the reactor was late by whole intervals, the missed ticks become *debt*: each later tick
+    lets every call send one extra queued frame until the debt is paid, so a backlog is worked off
+    at no more than twice real time instead of in a burst.  Debt beyond ``max_debt`` ticks is
+    forgiven (those ticks are skipped) and counted in ``skipped_ticks``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, clock: IReactorTime, interval: float = FRAME_SECONDS, max_debt: int = 25
+    ) -> None:
+        self._clock = clock
+        self.interval = interval
+        self.max_debt = max_debt
+        self._streams: dict[Paced, None] = {}  # insertion-ordered set
+        self._timer: IDelayedCall | None = None
+        self._start = 0.0
+        self._next = 0  # index on the grid of the next tick
+        self.debt = 0
+        self.ticks = 0
+        self.skipped_ticks = 0
+        self.late_ticks = 0
+        self.lateness_observer = None  # callable(seconds) for metrics, optional
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self._streams
+
+    def add(self, stream: Paced) -> None:
+        self._streams[stream] = None
+        if self._timer is None:
+            self._start = self._clock.seconds()
+            self._next = 1
+            self.debt = 0
+            self._timer = self._clock.callLater(self.interval, self._tick)
+
+    def remove(self, stream: Paced) -> None:
+        self._streams.pop(stream, None)
+        if not self._streams and self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def stop(self) -> None:
+        """Forget every stream and cancel the timer (service stop)."""
+        self._streams.clear()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _tick(self) -> None:
+        now = self._clock.seconds()
+        due = math.floor((now - self._start) / self.interval + 1e-9)
+        missed = due - self._next
+        if missed > 0:
+            self.late_ticks += 1
+            self.debt += missed
+            if self.debt > self.max_debt:
+                self.skipped_ticks += self.debt - self.max_debt
+                self.debt = self.max_debt
+        if self.lateness_observer is not None:
+            self.lateness_observer(now - (self._start + self._next * self.interval))
+        self._next = max(due, self._next) + 1
+        catch_up = self.debt > 0
+        if catch_up:
+            self.debt -= 1
+        self.ticks += 1
+        for stream in list(self._streams):
+            try:
+                stream.pace(catch_up)
+            except Exception:
+                self.log.failure("pacing a stream failed; dropping it")
+                self._streams.pop(stream, None)
+        if self._streams:
+            delay = self._start + self._next * self.interval - self._clock.seconds()
+            self._timer = self._clock.callLater(max(delay, 0.0), self._tick)
+        else:
+            self._timer = None

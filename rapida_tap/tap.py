@@ -1,0 +1,265 @@
+"""twistd entry point: ``twistd -n rapida-asterisk [options]``."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application import service, strports
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.resource import Resource
+
+from rapida_tap import __version__
+from rapida_tap.assistants.echo import EchoAssistant
+from rapida_tap.assistants.registry import AssistantRegistry
+from rapida_tap.audiosocket.protocol import AudioSocketFactory
+from rapida_tap.config import ConfigError, Settings, build_settings, load_toml
+from rapida_tap.contexts import MemoryContextStore
+from rapida_tap.dialplan import audiosocket_dialplan
+from rapida_tap.interfaces import IContextStore
+from rapida_tap.media.bridge import MediaBridge
+from rapida_tap.media.call import SHUTDOWN
+from rapida_tap.ratelimit import RateLimiter
+from rapida_tap.web.auth import ApiKeys, generate_api_key
+from rapida_tap.web.health import HealthResource
+from rapida_tap.web.registration import RegistrationResource
+from rapida_tap.web.site import PathTree, make_site, mount
+
+log = Logger(namespace="rapida_tap")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve Asterisk calls (AudioSocket, chan_websocket) to voice-AI assistants. With no"
+        " options: AudioSocket on tcp:4573, HTTP on tcp:8080, the echo assistant, in-memory"
+        " contexts and a generated API key (logged once). Endpoints are Twisted endpoint strings."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see etc/rapida-asterisk.toml)."],
+        ["audiosocket", None, None, "AudioSocket listener endpoint [default: tcp:4573]."],
+        ["http", None, None, "HTTP (registration, ws://, /healthz) endpoint [default: tcp:8080]."],
+        [
+            "https",
+            None,
+            None,
+            "HTTPS/wss:// endpoint, e.g. ssl:8443:privateKey=key.pem:certKey=cert.pem.",
+        ],
+        [
+            "assistant",
+            None,
+            None,
+            "Default assistant: 'echo' or a ws(s):// bot URL [default: echo].",
+        ],
+        [
+            "contexts",
+            None,
+            None,
+            "Context store: 'memory' or redis://host:6379/0 [default: memory].",
+        ],
+        [
+            "public-url",
+            None,
+            None,
+            "The URL Asterisk reaches this node at (for printed dialplans).",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["api_keys"] = []
+        self.settings: Settings | None = None
+
+    def opt_api_key(self, key: str) -> None:
+        """An accepted API key; repeatable (also RAPIDA_API_KEYS, comma separated)."""
+        self["api_keys"].append(key)
+
+    def opt_version(self) -> None:
+        print(f"rapida-asterisk {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        try:
+            self.settings = load_settings(self, os.environ)
+        except ConfigError as e:
+            # One line naming the setting, rather than twistd's whole usage text.
+            raise SystemExit(f"rapida-asterisk: {e}") from None
+
+
+def load_settings(options: usage.Options, environ: Any) -> Settings:
+    file_values = load_toml(options["config"]) if options["config"] else {}
+    cli = {
+        key.replace("-", "_"): options[key]
+        for key in ("audiosocket", "http", "https", "assistant", "contexts", "public-url")
+    }
+    settings = build_settings(file_values, environ, cli, options["api_keys"])
+    from twisted.internet import reactor
+
+    for name in ("audiosocket", "http", "https"):
+        value = getattr(settings, name)
+        if value:
+            try:
+                endpoints.serverFromString(reactor, value)
+            except Exception as e:
+                raise ConfigError(f"--{name}: {value!r}: {e}") from None
+    if not settings.api_keys:
+        settings.api_keys = [generate_api_key()]
+        settings.api_key_generated = True
+    return settings
+
+
+def make_context_store(settings: Settings, clock: IReactorTime) -> IContextStore:
+    if settings.contexts == "memory":
+        return MemoryContextStore(clock)
+    raise ConfigError(f"--contexts: {settings.contexts!r}: this build has no Redis store")
+
+
+def make_assistants(settings: Settings) -> AssistantRegistry:
+    if settings.assistant != "echo" or settings.assistants:
+        raise ConfigError("--assistant: upstream bots are not available in this build")
+    return AssistantRegistry(default=EchoAssistant())
+
+
+class BridgeService(service.Service):
+    """Stops taking calls and ends the live ones when the daemon stops."""
+
+    def __init__(self, bridge: MediaBridge) -> None:
+        self.bridge = bridge
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.bridge.accepting = False
+        self.bridge.end_all(SHUTDOWN)
+        self.bridge.pacer.stop()
+        close = getattr(self.bridge.contexts, "close", None)
+        if close is not None:
+            return close()
+
+
+class Daemon:
+    """Everything one node runs, built from settings; tests build it with their own reactor."""
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.contexts = make_context_store(settings, reactor)
+        self.bridge = MediaBridge(
+            clock=reactor,
+            contexts=self.contexts,
+            assistants=make_assistants(settings),
+            idle_timeout=settings.idle_timeout,
+        )
+        self.keys = ApiKeys(settings.api_keys)
+        self.audiosocket = AudioSocketFactory(
+            self.bridge,
+            id_timeout=settings.id_timeout,
+            stall_timeout=settings.stall_timeout,
+            max_connections=settings.max_connections,
+            max_audio_payload=settings.max_audio_payload,
+        )
+        self.registration = RegistrationResource(
+            self.bridge,
+            self.keys,
+            RateLimiter(settings.rate_limit, settings.rate_burst),
+            context_ttl=settings.context_ttl,
+        )
+        self.health = HealthResource(self.bridge)
+        self.root = PathTree()
+        self.root.putChild(b"", Banner())
+        mount(self.root, "v1/talk/asterisk/call", self.registration)
+        mount(self.root, "healthz", self.health)
+        self.site = make_site(self.root)
+
+    def service(self) -> service.MultiService:
+        top = service.MultiService()
+        BridgeService(self.bridge).setServiceParent(top)
+        if self.settings.audiosocket:
+            strports.service(
+                self.settings.audiosocket, self.audiosocket, reactor=self.reactor
+            ).setServiceParent(top)
+        for name in ("http", "https"):
+            endpoint = getattr(self.settings, name)
+            if endpoint:
+                strports.service(endpoint, self.site, reactor=self.reactor).setServiceParent(top)
+        return top
+
+
+class Banner(Resource):
+    """``GET /``: a connectivity check (``curl -I https://host/``) that names the service."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"rapida-asterisk\n"
+
+    render_HEAD = render_GET
+
+
+def endpoint_port(endpoint: str) -> str:
+    """The port of a ``tcp:4573`` / ``tcp:port=4573:interface=…`` / ``ssl:8443:…`` string."""
+    match = re.search(r"(?:^|:)(?:port=)?(\d+)(?::|$)", endpoint)
+    return match.group(1) if match else "?"
+
+
+def this_host() -> str:
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return "127.0.0.1"
+    return address if not address.startswith("127.") else name
+
+
+def log_start(settings: Settings) -> None:
+    log.info(
+        "rapida-asterisk {version}: audiosocket={audiosocket} http={http} https={https} "
+        "assistant={assistant} contexts={contexts}",
+        version=__version__,
+        audiosocket=settings.audiosocket or "off",
+        http=settings.http or "off",
+        https=settings.https or "off",
+        assistant=settings.assistant,
+        contexts=settings.contexts.split("@")[-1],
+    )
+    if not settings.api_key_generated:
+        return
+    if settings.public_url:
+        url = settings.public_url
+        host = urlsplit(url).hostname or this_host()
+    else:
+        host = this_host()
+        scheme, endpoint = ("http", settings.http) if settings.http else ("https", settings.https)
+        url = f"{scheme}://{host}:{endpoint_port(endpoint)}"
+    dialplan = audiosocket_dialplan(
+        rapida_url=url,
+        api_key=settings.api_keys[0],
+        audiosocket_host=host,
+        audiosocket_port=endpoint_port(settings.audiosocket),
+    )
+    log.warn(
+        "No API key configured: generated one for this run (it is shown only here): {key}\n"
+        "Paste into /etc/asterisk/extensions.conf:\n{dialplan}",
+        key=settings.api_keys[0],
+        dialplan=dialplan,
+    )
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    settings = options.settings
+    assert settings is not None
+    try:
+        daemon = Daemon(settings, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"rapida-asterisk: {e}") from None
+    log_start(settings)
+    return daemon.service()
