@@ -1,5 +1,12 @@
-"""Where the real Asterisk captures live: /work/shared/fixtures next to the main checkout."""
+"""Where the real Asterisk captures live: ``shared/fixtures`` beside the checkout.
 
+``RAPIDA_FIXTURES`` overrides the location.
+"""
+
+import os
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(
+    os.environ.get("RAPIDA_FIXTURES")
+    or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+)
