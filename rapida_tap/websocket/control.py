@@ -271,7 +271,7 @@ class _Fields:
     def uint(self, key: str) -> int:
         value = self._get(key, _REQUIRED)
         if self.fmt is ControlFormat.JSON:
-            if type(value) is int and 0 <= value < 10**9:
+            if type(value) is int and 0 <= value < 10**9:  # same bound as plain text
                 return value
         elif isinstance(value, str) and _UINT_RE.fullmatch(value):
             return int(value)
@@ -467,8 +467,7 @@ def _check_correlation_id(correlation_id: object) -> str:
         )
     if not _CORRELATION_ID_RE.fullmatch(correlation_id):
         raise ControlError(
-            "correlation id must be 1 or more printable ASCII characters without spaces, "
-            f"got {_short(correlation_id)}"
+            f"correlation id must be printable ASCII without spaces, got {_short(correlation_id)}"
         )
     return correlation_id
 
