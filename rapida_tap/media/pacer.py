@@ -16,6 +16,13 @@ from twisted.logger import Logger
 from rapida_tap.media.audio import FRAME_SECONDS
 
 
+# Fire this much before each deadline: reactors wake up late (epoll rounds timeouts up to whole
+# milliseconds), so aiming early centres the error on the grid.  A tick within ``_TOLERANCE``
+# intervals of its deadline counts as on time.
+_EARLY = 0.0005
+_TOLERANCE = 0.1
+
+
 class Paced(Protocol):
     def pace(self, catch_up: bool) -> None:
         """Write this tick's frame (and, when ``catch_up``, one owed frame if audio is queued)."""
@@ -61,7 +68,7 @@ class Pacer:
             self._start = self._clock.seconds()
             self._next = 1
             self.debt = 0
-            self._timer = self._clock.callLater(self.interval, self._tick)
+            self._timer = self._clock.callLater(self.interval - _EARLY, self._tick)
 
     def remove(self, stream: Paced) -> None:
         self._streams.pop(stream, None)
@@ -79,7 +86,7 @@ class Pacer:
 
     def _tick(self) -> None:
         now = self._clock.seconds()
-        due = math.floor((now - self._start) / self.interval + 1e-9)
+        due = math.floor((now - self._start) / self.interval + _TOLERANCE)
         missed = due - self._next
         if missed > 0:
             self.late_ticks += 1
@@ -101,7 +108,7 @@ class Pacer:
                 self.log.failure("pacing a stream failed; dropping it")
                 self._streams.pop(stream, None)
         if self._streams:
-            delay = self._start + self._next * self.interval - self._clock.seconds()
+            delay = self._start + self._next * self.interval - _EARLY - self._clock.seconds()
             self._timer = self._clock.callLater(max(delay, 0.0), self._tick)
         else:
             self._timer = None
