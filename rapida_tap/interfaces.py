@@ -47,6 +47,9 @@ class ICallLeg(Interface):
     """A transport's side of one call (AudioSocket connection, chan_websocket session)."""
 
     transport_name = Attribute("Short name for logs and metrics: 'audiosocket', 'websocket'.")
+    lead_frames = Attribute(
+        "Optional (default 0): frames to send ahead when audio starts, for peers that buffer."
+    )
 
     def send_audio(frame: bytes) -> None:
         """Write one 20 ms bridge-format frame; called by the pacer, exactly once per tick."""

@@ -72,6 +72,7 @@ class Call:
         self.silence_out = 0
         self.underruns = 0
         self.overflow_frames = 0
+        self._lead = int(getattr(leg, "lead_frames", 0))
         self._idle_timeout = idle_timeout
         self._idle_seen = (-1, -1)
         self._idle_since = self.started_at
@@ -176,9 +177,17 @@ class Call:
     # -- pacing --------------------------------------------------------------------------
 
     def pace(self, catch_up: bool) -> None:
-        """One tick of the shared pacer: exactly one frame (two while working off pacer debt)."""
+        """One tick of the shared pacer: exactly one frame (two while working off pacer debt).
+
+        A leg whose peer buffers (chan_websocket) may ask for ``lead_frames``: when audio starts
+        after silence, that many extra frames go out at once, so the peer's own clock never
+        runs dry between two of ours.
+        """
         queue = self._queue
         if queue:
+            if not self._playing and self._lead:
+                for _ in range(min(self._lead, len(queue) - 1)):
+                    self._write(queue.popleft())
             self._write(queue.popleft())
             if catch_up and queue:
                 self._write(queue.popleft())
