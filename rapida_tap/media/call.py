@@ -74,7 +74,7 @@ class Call:
         self.overflow_frames = 0
         self._lead = int(getattr(leg, "lead_frames", 0))
         self._idle_timeout = idle_timeout
-        self._idle_seen = (-1, -1)
+        self._idle_seen = (0, 0)
         self._idle_since = self.started_at
         self._idle_timer: IDelayedCall | None = None
         if idle_timeout > 0:

@@ -1,0 +1,337 @@
+"""The media bridge of one call, on a Clock: framing, pacing, marks, barge-in, ending once."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from rapida_tap.assistants.echo import EchoAssistant
+from rapida_tap.assistants.registry import AssistantRegistry
+from rapida_tap.contexts import CallContext, ContextReused, MemoryContextStore, new_context_id
+from rapida_tap.interfaces import IAssistantSession, ICallLeg
+from rapida_tap.media import call as reasons
+from rapida_tap.media.audio import FRAME_BYTES, SILENCE
+from rapida_tap.media.bridge import MediaBridge, NotAccepting, UnknownAssistant
+from rapida_tap.media.call import Call
+from rapida_tap.media.pacer import Pacer
+
+
+@implementer(ICallLeg)
+class FakeLeg:
+    transport_name = "fake"
+
+    def __init__(self, lead_frames: int = 0) -> None:
+        self.lead_frames = lead_frames
+        self.out: list[bytes] = []
+        self.events: list[tuple[str, str]] = []
+        self.call: Call | None = None
+
+    def send_audio(self, frame: bytes) -> None:
+        assert len(frame) == FRAME_BYTES
+        self.out.append(frame)
+
+    def send_silence(self) -> None:
+        self.out.append(SILENCE)
+
+    def send_clear(self) -> None:
+        self.events.append(("clear", ""))
+
+    def send_mark(self, name: str) -> None:
+        self.events.append(("mark", name))
+        if self.call is not None:
+            self.call.mark_played(name)
+
+    def hangup(self, reason: str) -> None:
+        self.events.append(("hangup", reason))
+
+
+@implementer(IAssistantSession)
+class RecordingSession:
+    def __init__(self) -> None:
+        self.audio: list[bytes] = []
+        self.digits: list[str] = []
+        self.marks: list[str] = []
+        self.closed: list[str] = []
+
+    def audio_received(self, pcm: bytes) -> None:
+        self.audio.append(pcm)
+
+    def dtmf_received(self, digit: str) -> None:
+        self.digits.append(digit)
+
+    def mark_played(self, name: str) -> None:
+        self.marks.append(name)
+
+    def close(self, reason: str) -> None:
+        self.closed.append(reason)
+
+
+def frame(n: int) -> bytes:
+    return bytes([n % 256]) * FRAME_BYTES
+
+
+class CallTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(self.clock)
+        self.leg = FakeLeg()
+        self.call = self.make_call(self.leg)
+        self.session = RecordingSession()
+        self.call.attach(self.session, "recording")
+
+    def make_call(self, leg: FakeLeg, **kw: object) -> Call:
+        context = CallContext(new_context_id(), "a", "+49")
+        call = Call(context, leg, clock=self.clock, pacer=self.pacer, **kw)  # type: ignore[arg-type]
+        leg.call = call
+        return call
+
+    def tick(self, n: int = 1) -> None:
+        self.clock.pump([0.02] * n)
+
+    def test_interfaces(self) -> None:
+        verifyObject(ICallLeg, self.leg)
+        verifyObject(IAssistantSession, self.session)
+
+    def test_silence_until_audio_then_one_frame_per_tick(self) -> None:
+        self.tick(2)
+        self.assertEqual(self.leg.out, [SILENCE, SILENCE])
+        self.call.play(frame(1) + frame(2) + frame(3))
+        self.tick(1)
+        self.assertEqual(self.leg.out[-1], frame(1))
+        self.tick(3)
+        self.assertEqual(self.leg.out[2:], [frame(1), frame(2), frame(3), SILENCE])
+        self.assertEqual(self.call.frames_out, 3)
+        self.assertEqual(self.call.silence_out, 3)
+
+    def test_a_burst_is_played_at_real_time(self) -> None:
+        self.call.play(b"".join(frame(i) for i in range(250)))  # 5 s at once
+        self.tick(100)
+        self.assertEqual(self.call.frames_out, 100)
+        self.assertEqual(self.call.queued_frames, 150)
+        self.tick(150)
+        self.assertEqual(self.leg.out, [frame(i) for i in range(250)])
+
+    def test_partial_frames_join_and_the_tail_is_padded_when_the_queue_runs_dry(self) -> None:
+        data = frame(7) + frame(8)
+        self.call.play(data[:100])
+        self.call.play(data[100:500])
+        self.tick(1)
+        self.assertEqual(self.leg.out, [frame(7)])
+        self.tick(1)  # only 180 bytes of frame 8 are left: padded with silence
+        self.assertEqual(self.leg.out[1], data[320:500] + bytes(140))
+
+    def test_caller_audio_and_dtmf_reach_the_session(self) -> None:
+        self.call.audio_received(frame(1))
+        self.call.dtmf_received("5")
+        self.assertEqual(self.session.audio, [frame(1)])
+        self.assertEqual(self.session.digits, ["5"])
+
+    def test_audio_before_the_session_is_attached_is_dropped(self) -> None:
+        call = self.make_call(FakeLeg())
+        call.audio_received(frame(1))
+        session = RecordingSession()
+        call.attach(session, "late")
+        call.audio_received(frame(2))
+        self.assertEqual(session.audio, [frame(2)])
+
+    def test_mark_is_played_after_the_audio_before_it(self) -> None:
+        self.call.play(frame(1) + frame(2))
+        self.call.mark("m1")
+        self.call.play(frame(3))
+        self.tick(1)
+        self.assertEqual(self.session.marks, [])
+        self.tick(1)
+        self.assertEqual(self.session.marks, ["m1"])
+        self.assertEqual(self.leg.events, [("mark", "m1")])
+
+    def test_mark_with_nothing_queued_is_played_at_once(self) -> None:
+        self.call.mark("now")
+        self.assertEqual(self.session.marks, ["now"])
+
+    def test_mark_after_a_partial_frame_waits_for_it(self) -> None:
+        self.call.play(b"\x01" * 100)
+        self.call.mark("tail")
+        self.assertEqual(self.session.marks, [])
+        self.tick(1)
+        self.assertEqual(self.session.marks, ["tail"])
+
+    def test_clear_empties_the_queue_at_once_and_settles_marks(self) -> None:
+        self.call.play(b"".join(frame(i) for i in range(50)))
+        self.call.mark("a")
+        self.call.play(frame(99))
+        self.call.mark("b")
+        self.tick(2)
+        self.call.clear()
+        self.assertEqual(self.call.queued_frames, 0)
+        self.assertEqual(self.session.marks, ["a", "b"])
+        self.assertIn(("clear", ""), self.leg.events)
+        self.tick(1)
+        self.assertEqual(self.leg.out[-1], SILENCE)
+        self.call.play(frame(5))  # audio after a clear plays normally
+        self.tick(1)
+        self.assertEqual(self.leg.out[-1], frame(5))
+
+    def test_underrun_is_a_one_tick_gap_inside_audio(self) -> None:
+        self.call.play(frame(1))
+        self.tick(2)  # frame, then silence: the queue ran dry
+        self.call.play(frame(2))  # audio came right after: that silence was an underrun
+        self.tick(1)
+        self.assertEqual(self.call.underruns, 1)
+        self.tick(5)
+        self.call.play(frame(3))  # a long pause is not an underrun
+        self.assertEqual(self.call.underruns, 1)
+
+    def test_pacer_debt_is_worked_off_one_extra_frame_per_tick(self) -> None:
+        self.call.play(b"".join(frame(i) for i in range(10)))
+        self.tick(1)
+        self.clock.advance(0.06)  # two ticks missed
+        self.assertEqual(self.call.frames_out, 3)
+        self.tick(1)
+        self.assertEqual(self.call.frames_out, 5)
+        self.tick(1)
+        self.assertEqual(self.call.frames_out, 6)
+        self.assertEqual(self.leg.out, [frame(i) for i in range(6)])
+
+    def test_lead_frames_go_out_when_audio_starts(self) -> None:
+        leg = FakeLeg(lead_frames=3)
+        call = self.make_call(leg)
+        call.play(b"".join(frame(i) for i in range(10)))
+        self.pacer.remove(self.call)
+        self.tick(1)
+        self.assertEqual(leg.out, [frame(i) for i in range(4)])
+        self.tick(1)
+        self.assertEqual(len(leg.out), 5)
+
+    def test_queue_is_bounded(self) -> None:
+        call = self.make_call(FakeLeg(), max_queue_frames=10)
+        call.play(frame(0) * 8)
+        call.play(frame(1) * 5)  # would exceed: dropped and counted
+        self.assertEqual(call.queued_frames, 8)
+        self.assertEqual(call.overflow_frames, 5)
+
+    def test_end_fires_once_and_frees_everything(self) -> None:
+        self.call.play(frame(1) * 20)
+        self.call.mark("x")
+        results: list[str] = []
+        self.call.ended.addCallback(results.append)
+        self.call.end(reasons.CALLER_HANGUP)
+        self.call.end(reasons.ASSISTANT_HANGUP)
+        self.call.hangup()
+        self.assertEqual(results, [reasons.CALLER_HANGUP])
+        self.assertEqual(self.session.closed, [reasons.CALLER_HANGUP])
+        self.assertEqual(self.leg.events, [("hangup", reasons.CALLER_HANGUP)])
+        self.assertNotIn(self.call, self.pacer)
+        self.assertEqual(self.call.queued_frames, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.call.play(frame(1))  # after the end: ignored
+        self.call.mark("late")
+        self.call.clear()
+        self.assertEqual(self.call.queued_frames, 0)
+
+    def test_session_attached_after_the_end_is_closed(self) -> None:
+        call = self.make_call(FakeLeg())
+        call.end(reasons.CALLER_HANGUP)
+        late = RecordingSession()
+        call.attach(late, "late")
+        self.assertEqual(late.closed, [reasons.CALLER_HANGUP])
+
+    def test_idle_timeout_when_neither_side_produces_anything(self) -> None:
+        call = self.make_call(FakeLeg(), idle_timeout=8)
+        self.clock.advance(6)
+        call.audio_received(frame(1))
+        self.clock.advance(6)
+        self.assertFalse(call.is_ended)
+        self.clock.advance(4)
+        self.assertEqual(call.end_reason, reasons.IDLE_TIMEOUT)
+
+    def test_assistant_audio_alone_keeps_the_call_alive(self) -> None:
+        call = self.make_call(FakeLeg(), idle_timeout=8)
+        for _ in range(10):
+            call.play(frame(1))
+            self.clock.advance(2)
+        self.assertFalse(call.is_ended)
+
+    def test_failing_session_close_does_not_stop_the_end(self) -> None:
+        class Bad(RecordingSession):
+            def close(self, reason: str) -> None:
+                raise RuntimeError("bad session")
+
+        call = self.make_call(FakeLeg())
+        call.attach(Bad(), "bad")
+        call.end(reasons.CALLER_HANGUP)
+        self.assertTrue(call.ended.called)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class BridgeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryContextStore(self.clock)
+        self.bridge = MediaBridge(
+            clock=self.clock,
+            contexts=self.store,
+            assistants=AssistantRegistry(default=EchoAssistant()),
+        )
+
+    def mint(self, assistant: str = "a") -> str:
+        context = CallContext(new_context_id(), assistant, "+49")
+        return self.successResultOf(self.store.mint(context, 30))
+
+    def test_open_call_claims_and_echoes(self) -> None:
+        leg = FakeLeg()
+        call = self.successResultOf(self.bridge.open_call(self.mint(), leg))
+        self.assertIn(call.context_id, self.bridge.calls)
+        call.audio_received(frame(3))
+        self.clock.advance(0.02)
+        self.assertEqual(leg.out, [frame(3)])
+
+    def test_context_is_single_use(self) -> None:
+        cid = self.mint()
+        self.successResultOf(self.bridge.open_call(cid, FakeLeg()))
+        self.failureResultOf(self.bridge.open_call(cid, FakeLeg()), ContextReused)
+        self.assertEqual(len(self.bridge.calls), 1)
+
+    def test_not_accepting(self) -> None:
+        cid = self.mint()
+        self.bridge.accepting = False
+        self.failureResultOf(self.bridge.open_call(cid, FakeLeg()), NotAccepting)
+
+    def test_unknown_assistant(self) -> None:
+        self.bridge.assistants = AssistantRegistry({"known": EchoAssistant()})
+        self.failureResultOf(self.bridge.open_call(self.mint("other"), FakeLeg()), UnknownAssistant)
+        self.assertEqual(self.bridge.calls, {})
+
+    def test_assistant_that_fails_to_connect_ends_the_call(self) -> None:
+        class Unreachable:
+            name = "unreachable"
+
+            def connect(self, call: Call) -> object:
+                raise ConnectionRefusedError("bot down")
+
+        self.bridge.assistants = AssistantRegistry(default=Unreachable())  # type: ignore[arg-type]
+        leg = FakeLeg()
+        call = self.successResultOf(self.bridge.open_call(self.mint(), leg))
+        self.assertEqual(call.end_reason, reasons.ASSISTANT_FAILED)
+        self.assertIn("bot down", call.end_detail)
+        self.assertEqual(leg.events, [("hangup", reasons.ASSISTANT_FAILED)])
+        self.assertEqual(self.bridge.calls, {})
+        self.assertEqual(len(self.bridge.pacer), 0)
+
+    def test_end_all_and_hooks(self) -> None:
+        started: list[Call] = []
+        ended: list[Call] = []
+        self.bridge.call_started.append(started.append)
+        self.bridge.call_ended.append(ended.append)
+        calls = [
+            self.successResultOf(self.bridge.open_call(self.mint(), FakeLeg())) for _ in range(3)
+        ]
+        self.bridge.end_all()
+        self.assertEqual(started, calls)
+        self.assertEqual(ended, calls)
+        self.assertEqual(self.bridge.ended_by_reason, {reasons.SHUTDOWN: 3})
+        self.assertEqual(self.bridge.calls, {})
+        self.assertEqual(len(self.bridge.pacer), 0)
+        self.store.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
