@@ -239,12 +239,13 @@ class CallTests(SynchronousTestCase):
 
     def test_idle_timeout_when_neither_side_produces_anything(self) -> None:
         call = self.make_call(FakeLeg(), idle_timeout=8)
-        self.clock.advance(6)
+        self.clock.pump([1] * 6)
         call.audio_received(frame(1))
-        self.clock.advance(6)
+        self.clock.pump([1] * 6)
         self.assertFalse(call.is_ended)
-        self.clock.advance(4)
+        self.clock.pump([1] * 4)  # seen at the 8 s check, so idle from 8 s to 16 s
         self.assertEqual(call.end_reason, reasons.IDLE_TIMEOUT)
+        self.assertIn("8s", call.end_detail)
 
     def test_assistant_audio_alone_keeps_the_call_alive(self) -> None:
         call = self.make_call(FakeLeg(), idle_timeout=8)
