@@ -34,8 +34,8 @@ class Settings:
     idle_timeout: float = 60.0
     id_timeout: float = 5.0
     stall_timeout: float = 5.0
-    rate_limit: float = 20.0
-    rate_burst: int = 40
+    rate_limit: float = 200.0
+    rate_burst: int = 400
     max_connections: int = 5000
     max_audio_payload: int = 8192
     assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

@@ -7,6 +7,5 @@ import os
 from pathlib import Path
 
 FIXTURES = Path(
-    os.environ.get("RAPIDA_FIXTURES")
-    or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    os.environ.get("RAPIDA_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 )

@@ -72,7 +72,7 @@ class PacerTests(SynchronousTestCase):
 
     def test_stream_removed_during_tick(self) -> None:
         class Leaving(Stream):
-            def pace(inner, catch_up: bool) -> None:  # noqa: N805
+            def pace(inner, catch_up: bool) -> None:
                 super().pace(catch_up)
                 self.pacer.remove(inner)
 

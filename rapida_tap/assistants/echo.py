@@ -1,4 +1,8 @@
-"""The embedded default assistant: the caller hears themself, frame for frame."""
+"""The embedded default assistant: the caller hears themself, frame for frame.
+
+Pressing ``#`` makes it hang up, so the daemon-side hangup (and the dialplan's next step) can be
+tried from a real phone.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ class EchoSession:
 
     def dtmf_received(self, digit: str) -> None:
         self.digits.append(digit)
+        if digit == "#":
+            self._call.hangup()
 
     def mark_played(self, name: str) -> None:
         pass

@@ -19,14 +19,20 @@ from rapida_tap.media.audio import SAMPLE_RATE
 class Resampler:
     """A streaming resampler for one direction of one call (keeps filter state across frames).
 
-    Output lengths vary a little from frame to frame (filter delay); over a call they add up to
-    the exact ratio.  Takes and returns PCM16 little-endian mono bytes.
+    After priming, each 20 ms in gives 20 ms out (the filter adds about 15 ms of delay), so
+    paced frames stay paced.  Takes and returns PCM16 little-endian mono bytes.
     """
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
         self.in_rate = in_rate
         self.out_rate = out_rate
-        self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality="HQ")
+        # vr=True: soxr's variable-rate engine streams with ~15 ms delay and steady
+        # chunk sizes; the fixed-rate engine buffers ~100 ms and emits it in bursts.
+        self._stream = soxr.ResampleStream(
+            in_rate, out_rate, 1, dtype="int16", quality="HQ", vr=True
+        )
+        # Prime with 40 ms of silence so that every later frame yields a whole frame.
+        self._stream.resample_chunk(np.zeros(2 * in_rate // 50, dtype="<i2"))
 
     def __call__(self, pcm: bytes) -> bytes:
         samples = np.frombuffer(pcm, dtype="<i2")

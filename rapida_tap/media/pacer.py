@@ -15,7 +15,6 @@ from twisted.logger import Logger
 
 from rapida_tap.media.audio import FRAME_SECONDS
 
-
 # Fire this much before each deadline: reactors wake up late (epoll rounds timeouts up to whole
 # milliseconds), so aiming early centres the error on the grid.  A tick within ``_TOLERANCE``
 # intervals of its deadline counts as on time.

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Site
-
-if TYPE_CHECKING:  # pragma: no cover
-    from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 _SECRET_PARAM = re.compile(rb"((?:^|[?&])(?:x-api-key|api_key|apikey|key|token)=)[^&]*", re.I)
 
@@ -67,7 +65,26 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
     node.putChild(parts[-1], resource)
 
 
+class QuietRequest(Request):
+    """A request whose internal errors are a 500 with an empty body, like every other error.
+
+    Twisted's default error page would land in the dialplan's variable.
+    """
+
+    log = Logger()
+
+    def processingFailed(self, reason: Failure) -> None:
+        self.log.failure("request {uri} failed", reason, uri=redact_uri(self.uri))
+        if self.finished or self._disconnected:
+            return
+        self.setResponseCode(http.INTERNAL_SERVER_ERROR)
+        self.setHeader(b"content-type", b"text/plain")
+        self.setHeader(b"content-length", b"0")
+        self.finish()
+
+
 def make_site(root: Resource, *, timeout: float = 30.0) -> Site:
     site = Site(root, logFormatter=redacted_log_formatter, timeout=timeout)
+    site.requestFactory = QuietRequest
     site.displayTracebacks = False
     return site
