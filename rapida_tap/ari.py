@@ -30,7 +30,6 @@ from twisted.web.client import (
     ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
 
 log = Logger(namespace="rapida_tap.ari")
 
@@ -191,19 +190,17 @@ class _BodyReader(TxProtocol):
 
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
-        self._stopped = False
         self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
 
     def _stop(self) -> None:
-        self._stopped = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stopped or self.done.called:
+        if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self._chunks))
@@ -402,7 +399,7 @@ class AriClient:
             data = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
         where = f"ARI {method} on provider {self._provider.name!r}"
         try:
-            response: IResponse = await self._http.request(
+            response: Any = await self._http.request(
                 method,
                 self._base + path,
                 params=query,
@@ -415,13 +412,12 @@ class AriClient:
             reader = _BodyReader()
             response.deliverBody(reader)
             body = await reader.done
-        except CancelledError:
-            raise
         except (ierror.ConnectError, ierror.DNSLookupError) as e:
             raise AriUnreachable(
                 f"{where}: cannot connect to {self._host()}: {_reason(e)}"
             ) from None
         except (ResponseFailed, RequestTransmissionFailed) as e:
+            # A cancelled request (timeout or caller) surfaces wrapped; keep it a cancel.
             if any(r.check(CancelledError) for r in getattr(e, "reasons", [])):
                 raise CancelledError() from None
             raise AriUnreachable(
