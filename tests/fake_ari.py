@@ -62,8 +62,16 @@ HANGUP_REASONS = frozenset(
 )
 
 _ORIGINATE_PARAMS = (
-    *("endpoint", "extension", "context", "priority", "callerId", "timeout"),
-    *("formats", "label", "app", "appArgs"),
+    "endpoint",
+    "extension",
+    "context",
+    "priority",
+    "callerId",
+    "timeout",
+    "formats",
+    "label",
+    "app",
+    "appArgs",
 )
 
 
