@@ -60,8 +60,11 @@ def close_after(request: Request) -> None:
 
 
 def refuse(request: Request, status: int) -> bytes:
+    """An empty-body error reply; ``Content-Length: 0`` also when written after a Deferred
+    (twisted.web would otherwise frame the empty body as ``chunked``)."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"text/plain")
+    request.setHeader(b"content-length", b"0")
     return b""
 
 
