@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -12,12 +12,25 @@ from twisted.web.server import Site
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.web.server import Request
 
-_SECRET_PARAM = re.compile(rb"((?:^|[?&])(?:x-api-key|api_key|apikey|key|token)=)[^&]*", re.I)
+SECRET_PARAMS = frozenset({"x-api-key", "api_key", "apikey", "key", "token"})
 
 
 def redact_uri(uri: bytes) -> bytes:
-    """The URI with the value of any key-like query parameter replaced by ``REDACTED``."""
-    return _SECRET_PARAM.sub(rb"\1REDACTED", uri)
+    """The URI with the value of any key-like query parameter replaced by ``REDACTED``.
+
+    Names are decoded as registration's ``parse_query`` decodes them (``%XX`` escapes, lower
+    case), so a key sent as ``x%2Dapi-key=...`` is accepted *and* redacted.
+    """
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    pairs = []
+    for pair in query.split(b"&"):
+        name, eq, _ = pair.partition(b"=")
+        if eq and unquote(name.decode("latin-1")).lower() in SECRET_PARAMS:
+            pair = name + b"=REDACTED"
+        pairs.append(pair)
+    return path + b"?" + b"&".join(pairs)
 
 
 def redacted_log_formatter(timestamp: str, request: Request) -> str:
