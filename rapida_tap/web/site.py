@@ -9,6 +9,8 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from rapida_tap.web.registration import close_after
+
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.web.server import Request
 
@@ -62,6 +64,7 @@ class NotFound(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
+        close_after(request)  # a dialplan with a mistyped URL must not hold connections open
         request.setResponseCode(http.NOT_FOUND)
         request.setHeader(b"content-type", b"text/plain")
         return b""
