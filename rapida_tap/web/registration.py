@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 ASSISTANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CALLER = re.compile(r"[A-Za-z0-9+*#\-_. ]{0,64}")
 MAX_QUERY = 2048
+TOO_MANY_REQUESTS = 429  # twisted.web.http has no name for it
 
 
 def parse_query(uri: bytes) -> dict[str, str]:
@@ -99,7 +100,7 @@ class RegistrationResource(Resource):
     def render_GET(self, request: Request) -> bytes | int:
         client = client_address(request)
         if not self._limiter.allow(client, self._bridge.clock.seconds()):
-            return self._refuse(request, http.TOO_MANY_REQUESTS, "rate limit", log=False)
+            return self._refuse(request, TOO_MANY_REQUESTS, "rate limit", log=False)
         path = request.postpath
         if len(path) != 1 or not path[0]:
             return self._refuse(request, http.NOT_FOUND, "no assistant id in the path")
