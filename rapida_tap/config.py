@@ -7,6 +7,7 @@ fails with one line a user can act on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -119,11 +120,17 @@ def _coerce(key: str, value: Any, source: str | None = None) -> Any:
             raise ConfigError(f"{name}: must be a string")
         return value.strip()
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
             raise ValueError
-        return kind(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        result = kind(value)
+        if kind is float and not math.isfinite(result):  # "nan", "inf" from text
+            raise ValueError
+        return result
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not a {kind.__name__}") from None
+        what = "a whole number" if kind is int else "a finite number"
+        raise ConfigError(f"{name}: {value!r} is not {what}") from None
 
 
 def validate(s: Settings) -> None:

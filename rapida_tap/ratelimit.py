@@ -18,7 +18,8 @@ class RateLimiter:
 
     def allow(self, key: str, now: float) -> bool:
         tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        # reactor.seconds() is wall-clock time: a step back must not drain the bucket.
+        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0

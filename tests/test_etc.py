@@ -16,9 +16,7 @@ def test_audiosocket_dialplan_is_the_one_printed_at_start_up() -> None:
 
 def test_dialplans_avoid_what_real_asterisk_rejects_or_runs_unsafely() -> None:
     for path in ETC.glob("extensions*.conf"):
-        text = "\n".join(
-            line.split(";", 1)[0] for line in path.read_text().splitlines()
-        )
+        text = "\n".join(line.split(";", 1)[0] for line in path.read_text().splitlines())
         assert "CHANNEL(audioreadformat)" not in text, path
         assert 'GotoIf($["${CTX}" = ""]' not in text, path
         assert "WebSocket(" not in text.replace("Dial(WebSocket/", ""), path

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 ASSISTANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CALLER = re.compile(r"[A-Za-z0-9+*#\-_. ]{0,64}")
 MAX_QUERY = 2048
-TOO_MANY_REQUESTS = 429
+TOO_MANY_REQUESTS = 429  # twisted.web.http has no name for it
 
 
 def parse_query(uri: bytes) -> dict[str, str]:
@@ -61,8 +61,11 @@ def close_after(request: Request) -> None:
 
 
 def refuse(request: Request, status: int) -> bytes:
+    """An empty-body error reply; ``Content-Length: 0`` also when written after a Deferred
+    (twisted.web would otherwise frame the empty body as ``chunked``)."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"text/plain")
+    request.setHeader(b"content-length", b"0")
     return b""
 
 

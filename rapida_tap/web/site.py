@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+from urllib.parse import unquote
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -10,12 +10,27 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-_SECRET_PARAM = re.compile(rb"((?:^|[?&])(?:x-api-key|api_key|apikey|key|token)=)[^&]*", re.I)
+from rapida_tap.web.registration import close_after
+
+SECRET_PARAMS = frozenset({"x-api-key", "api_key", "apikey", "key", "token"})
 
 
 def redact_uri(uri: bytes) -> bytes:
-    """The URI with the value of any key-like query parameter replaced by ``REDACTED``."""
-    return _SECRET_PARAM.sub(rb"\1REDACTED", uri)
+    """The URI with the value of any key-like query parameter replaced by ``REDACTED``.
+
+    Names are decoded as registration's ``parse_query`` decodes them (``%XX`` escapes, lower
+    case), so a key sent as ``x%2Dapi-key=...`` is accepted *and* redacted.
+    """
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    pairs = []
+    for pair in query.split(b"&"):
+        name, eq, _ = pair.partition(b"=")
+        if eq and unquote(name.decode("latin-1")).lower() in SECRET_PARAMS:
+            pair = name + b"=REDACTED"
+        pairs.append(pair)
+    return path + b"?" + b"&".join(pairs)
 
 
 def redacted_log_formatter(timestamp: str, request: Request) -> str:
@@ -47,6 +62,7 @@ class NotFound(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
+        close_after(request)  # a dialplan with a mistyped URL must not hold connections open
         request.setResponseCode(http.NOT_FOUND)
         request.setHeader(b"content-type", b"text/plain")
         return b""
