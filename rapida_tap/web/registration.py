@@ -29,6 +29,7 @@ ASSISTANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CALLER = re.compile(r"[A-Za-z0-9+*#\-_. ]{0,64}")
 MAX_QUERY = 2048
 TOO_MANY_REQUESTS = 429  # twisted.web.http has no name for it
+RATE_LOG_INTERVAL = 10.0  # seconds between two "rate limit" log lines
 
 
 def parse_query(uri: bytes) -> dict[str, str]:
@@ -89,6 +90,8 @@ class RegistrationResource(Resource):
         self._ttl = context_ttl
         self.check_assistants = check_assistants
         self.replies: dict[int, int] = {}
+        self._limited_since_log = 0
+        self._limited_logged_at = float("-inf")
 
     def render(self, request: Request) -> bytes | int:
         close_after(request)
@@ -100,7 +103,7 @@ class RegistrationResource(Resource):
     def render_GET(self, request: Request) -> bytes | int:
         client = client_address(request)
         if not self._limiter.allow(client, self._bridge.clock.seconds()):
-            return self._refuse(request, TOO_MANY_REQUESTS, "rate limit", log=False)
+            return self._rate_limited(request, client)
         path = request.postpath
         if len(path) != 1 or not path[0]:
             return self._refuse(request, http.NOT_FOUND, "no assistant id in the path")
@@ -159,6 +162,21 @@ class RegistrationResource(Resource):
             return
         request.write(self._refuse(request, http.SERVICE_UNAVAILABLE, detail))
         request.finish()
+
+    def _rate_limited(self, request: Request, client: str) -> bytes:
+        """429, logged at most once per ``RATE_LOG_INTERVAL`` (a flood must not flood the log)."""
+        self._limited_since_log += 1
+        now = self._bridge.clock.seconds()
+        if now - self._limited_logged_at >= RATE_LOG_INTERVAL:
+            self.log.warn(
+                "registration refused: 429 rate limit (client {client}; {count} refused since "
+                "the last such line)",
+                client=client,
+                count=self._limited_since_log,
+            )
+            self._limited_logged_at = now
+            self._limited_since_log = 0
+        return self._refuse(request, TOO_MANY_REQUESTS, "rate limit", log=False)
 
     def _refuse(self, request: Request, status: int, detail: str, log: bool = True) -> bytes:
         self._count(status)
