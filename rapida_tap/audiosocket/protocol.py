@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -55,6 +55,8 @@ class AudioSocketProtocol(Protocol):
 
     log = Logger()
     transport_name = "audiosocket"
+    lead_frames = 0  # Asterisk plays AudioSocket audio on receipt: nothing to send ahead
+    transport: Any  # an ITCPTransport (and IProducer consumer) once connected
 
     def __init__(self, factory: AudioSocketFactory) -> None:
         self.factory = factory

@@ -69,9 +69,7 @@ class MediaBridge:
         """
         if not self.accepting:
             return defer.fail(NotAccepting(context_id))
-        d = self.contexts.claim(context_id)
-        d.addCallback(self._start, leg)
-        return d
+        return self.contexts.claim(context_id).addCallback(self._start, leg)
 
     def _start(self, context: CallContext, leg: ICallLeg) -> Call:
         assistant = self.assistants.lookup(context.assistant_id)
@@ -97,16 +95,15 @@ class MediaBridge:
         for hook in self.call_started:
             hook(call)
         d = defer.maybeDeferred(assistant.connect, call)
-        d.addCallbacks(
-            self._attached, self._assistant_failed, (call, assistant.name), None, (call,)
-        )
+        d.addCallback(self._attached, call, assistant.name)
+        d.addErrback(self._assistant_failed, call)
         return call
 
     def _attached(self, session: IAssistantSession, call: Call, name: str) -> None:
         call.attach(session, name)
 
     def _assistant_failed(self, failure: Failure, call: Call) -> None:
-        call.end(ASSISTANT_FAILED, failure.getErrorMessage() or failure.type.__name__)
+        call.end(ASSISTANT_FAILED, failure.getErrorMessage() or repr(failure.value))
 
     def _ended(self, reason: str, call: Call) -> str:
         self.calls.pop(call.context_id, None)

@@ -104,7 +104,7 @@ class RegistrationResource(Resource):
         client = client_address(request)
         if not self._limiter.allow(client, self._bridge.clock.seconds()):
             return self._rate_limited(request, client)
-        path = request.postpath
+        path = request.postpath or []
         if len(path) != 1 or not path[0]:
             return self._refuse(request, http.NOT_FOUND, "no assistant id in the path")
         if len(request.uri) > MAX_QUERY:
@@ -139,7 +139,8 @@ class RegistrationResource(Resource):
             created_at=self._bridge.clock.seconds(),
         )
         d = self._bridge.contexts.mint(context, self._ttl)
-        d.addCallbacks(self._minted, self._mint_failed, (request,), None, (request, context))
+        d.addCallback(self._minted, request)
+        d.addErrback(self._mint_failed, request, context)
         return NOT_DONE_YET
 
     def _minted(self, context_id: str, request: Request) -> None:
