@@ -321,6 +321,7 @@ class _Attempt:
         self.session: UpstreamSession | None = None
         self._connecting: defer.Deferred[Any] | None = None
         self._timer: IDelayedCall | None = None
+        self._settled = False
 
     def start(self) -> None:
         clock = self.assistant.clock
@@ -331,9 +332,10 @@ class _Attempt:
         d.addErrback(self._connect_failed)
 
     def opened(self, proto: BotClientProtocol) -> None:
-        if self.result.called:
+        if self._settled:
             proto.dropConnection(abort=True)
             return
+        self._settled = True
         self._cancel_timer()
 
         def send(text: str) -> None:
@@ -352,7 +354,7 @@ class _Attempt:
     def closed(self, clean: bool, code: int | None, reason: str | None) -> None:
         if self.session is not None:
             self.session.bot_closed(clean, code, reason)
-        elif not self.result.called:
+        elif not self._settled:
             lost = self.protocol.lost if self.protocol is not None else None
             if lost is not None and lost.check(SSL.Error):
                 self._fail(BotUnreachable(f"bot {self.spec.name}: TLS failed: {_tls_error(lost)}"))
@@ -360,7 +362,7 @@ class _Attempt:
                 self._fail(BotRefused(f"bot {self.spec.name}: {reason or 'handshake failed'}"))
 
     def _connect_failed(self, failure: Failure) -> None:
-        if self.result.called:
+        if self._settled:
             return None
         self._fail(BotUnreachable(f"bot {self.spec.name}: {failure.getErrorMessage()}"))
         return None
@@ -372,14 +374,15 @@ class _Attempt:
         )
 
     def _call_ended(self, reason: Any) -> Any:
-        if not self.result.called:
+        if not self._settled:
             self._fail(CallEndedWhileConnecting(f"bot {self.spec.name}: call ended first"))
         return reason
 
     def _fail(self, error: UpstreamError) -> None:
         """Give up connecting: stop every timer and socket, then report ``error``."""
-        if self.result.called:
+        if self._settled:
             return
+        self._settled = True  # cancelling and ending below call back into this attempt
         self._cancel_timer()
         connecting, self._connecting = self._connecting, None
         if self.protocol is not None:
