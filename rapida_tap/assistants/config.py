@@ -150,15 +150,16 @@ def parse_spec(options: Mapping[str, Any], environ: Mapping[str, str], where: st
         known = ", ".join(sorted(_KEYS))
         raise ConfigError(f"{where}: unknown option {unknown[0]!r} (known: {known})")
     raw_url = options.get("url")
+    url_where = where if where.startswith("--") else f"{where}.url"
     if not isinstance(raw_url, str) or not raw_url.strip():
-        raise ConfigError(f"{where}.url: required: 'echo' or a ws:// or wss:// URL")
+        raise ConfigError(f"{url_where}: required: 'echo' or a ws:// or wss:// URL")
     if raw_url.strip() == ECHO:
         extra = sorted(set(options) - {"url"})
         if extra:
             raise ConfigError(f"{where}.{extra[0]}: the echo assistant takes no options")
         return ECHO
-    url = expand(raw_url.strip(), environ, f"{where}.url")
-    _check_url(url, f"{where}.url")
+    url = expand(raw_url.strip(), environ, url_where)
+    _check_url(url, url_where)
     headers = _string_table(options.get("headers", {}), f"{where}.headers")
     for name, value in headers.items():
         if not HEADER_NAME.fullmatch(name):
