@@ -389,10 +389,9 @@ class _Attempt:
             self.protocol.dropConnection(abort=True)
         elif connecting is not None and not connecting.called:
             connecting.cancel()
-        if not isinstance(error, CallEndedWhileConnecting):
-            self.log.warn("call {ctx}: {error}", ctx=self.call.context_id, error=str(error))
-            if self.spec.on_failure == "continue":
-                end_for_failure(self.call, self.spec, str(error))
+        # The call's end line carries ``error`` as its detail: no second log line here.
+        if self.spec.on_failure == "continue" and not isinstance(error, CallEndedWhileConnecting):
+            end_for_failure(self.call, self.spec, str(error))
         self.result.errback(Failure(error))
 
     def _cancel_timer(self) -> None:
