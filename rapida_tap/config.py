@@ -28,7 +28,7 @@ class Settings:
     http: str = "tcp:8080"
     https: str = ""
     api_keys: list[str] = dataclasses.field(default_factory=list)
-    assistant: str = "echo"
+    assistant: str = ""  # the default assistant; "" = echo unless [assistants] lists ids
     contexts: str = "memory"
     public_url: str = ""
     context_ttl: float = 30.0
@@ -109,6 +109,9 @@ def build_settings(
     if cli_api_keys:
         settings.api_keys = list(cli_api_keys)
     validate(settings)
+    from rapida_tap.assistants.config import parse_assistants  # it imports ConfigError
+
+    parse_assistants(settings.assistants, settings.assistant, environ)
     return settings
 
 
@@ -151,7 +154,7 @@ def validate(s: Settings) -> None:
             )
     if s.contexts != "memory" and not s.contexts.startswith(("redis://", "rediss://")):
         raise ConfigError(f"--contexts: {s.contexts!r} is neither 'memory' nor a redis:// URL")
-    if s.assistant != "echo" and not s.assistant.startswith(("ws://", "wss://")):
+    if s.assistant not in ("", "echo") and not s.assistant.startswith(("ws://", "wss://")):
         raise ConfigError(
             f"--assistant: {s.assistant!r} is neither 'echo' nor a ws:// or wss:// URL"
         )

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 
 from rapida_tap import __version__
-from rapida_tap.assistants.echo import EchoAssistant
+from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import ConfigError, Settings, build_settings, load_toml
@@ -121,10 +121,9 @@ def make_context_store(settings: Settings, clock: IReactorTime) -> IContextStore
     raise ConfigError(f"--contexts: {settings.contexts!r}: this build has no Redis store")
 
 
-def make_assistants(settings: Settings) -> AssistantRegistry:
-    if settings.assistant != "echo" or settings.assistants:
-        raise ConfigError("--assistant: upstream bots are not available in this build")
-    return AssistantRegistry(default=EchoAssistant())
+def make_assistants(settings: Settings, reactor: Any) -> AssistantRegistry:
+    spec = parse_assistants(settings.assistants, settings.assistant, os.environ)
+    return build_registry(spec, reactor)
 
 
 class BridgeService(service.Service):
@@ -153,7 +152,7 @@ class Daemon:
         self.bridge = MediaBridge(
             clock=reactor,
             contexts=self.contexts,
-            assistants=make_assistants(settings),
+            assistants=make_assistants(settings, reactor),
             idle_timeout=settings.idle_timeout,
         )
         self.keys = ApiKeys(settings.api_keys)
@@ -226,7 +225,7 @@ def log_start(settings: Settings) -> None:
         audiosocket=settings.audiosocket or "off",
         http=settings.http or "off",
         https=settings.https or "off",
-        assistant=settings.assistant,
+        assistant=parse_assistants(settings.assistants, settings.assistant, os.environ).describe(),
         contexts=settings.contexts.split("@")[-1],
     )
     if not settings.api_key_generated:
