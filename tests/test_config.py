@@ -43,7 +43,7 @@ def test_defaults() -> None:
     assert settings.audiosocket == "tcp:4573"
     assert settings.http == "tcp:8080"
     assert settings.https == ""
-    assert settings.assistant == "echo"
+    assert settings.assistant == ""  # not set: echo, unless [assistants] says otherwise
     assert settings.contexts == "memory"
     assert settings.api_keys == []
     assert settings.context_ttl == 30.0

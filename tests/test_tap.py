@@ -297,7 +297,6 @@ class MakeServiceTests(unittest.TestCase):
     def test_unavailable_backends_exit_with_one_line(self) -> None:
         for args, starts in [
             (["--contexts", "redis://127.0.0.1:6379/0"], "rapida-asterisk: --contexts:"),
-            (["--assistant", "wss://bot.example.com/"], "rapida-asterisk: --assistant:"),
         ]:
             with self.assertRaises(SystemExit) as caught:
                 self.make("--api-key", API_KEY, *args)
