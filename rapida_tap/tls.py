@@ -14,13 +14,15 @@ files, key not matching) keeps the old certificate and logs why.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import signal
 from collections.abc import Callable
 from typing import Any
 
-from OpenSSL import SSL, crypto
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -143,35 +145,31 @@ def _read(path: str, what: str) -> bytes:
         raise TlsError(f"--https: cannot read {what} file {path}: {e.strerror}") from None
 
 
-def _ssl_reason(e: SSL.Error | crypto.Error) -> str:
-    details = [str(item[2]) for item in e.args[0] if isinstance(item, tuple) and len(item) > 2]
-    return "; ".join(details) or str(e)
-
-
 def build_context(spec: TlsSpec) -> tuple[SSL.Context, str]:
     """A server context for ``spec`` and the certificate's SHA-256 fingerprint (hex)."""
     key_pem = _read(spec.private_key, "private key")
     cert_pem = _read(spec.cert_key, "certificate")
     chain_pem = _read(spec.extra_cert_chain, "certificate chain") if spec.extra_cert_chain else b""
     try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    except crypto.Error as e:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
         raise TlsError(
-            f"--https: {spec.private_key} holds no usable PEM private key ({_ssl_reason(e)}); "
-            "is it encrypted? the daemon needs an unencrypted key"
+            f"--https: the private key {spec.private_key} is encrypted; "
+            "the daemon needs an unencrypted key (readable by its user only)"
         ) from None
+    except ValueError:
+        raise TlsError(f"--https: {spec.private_key} holds no usable PEM private key") from None
+    if not isinstance(
+        key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+    ):
+        raise TlsError(f"--https: {spec.private_key}: use an RSA, EC or Ed25519 key")
+    blocks = _pem_blocks(cert_pem)
+    if not blocks:
+        raise TlsError(f"--https: {spec.cert_key} holds no PEM certificate")
     try:
-        cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
-    except crypto.Error as e:
-        raise TlsError(
-            f"--https: {spec.cert_key} holds no PEM certificate ({_ssl_reason(e)})"
-        ) from None
-    chain = []
-    for block in _pem_blocks(cert_pem)[1:] + _pem_blocks(chain_pem):
-        try:
-            chain.append(crypto.load_certificate(crypto.FILETYPE_PEM, block))
-        except crypto.Error as e:
-            raise TlsError(f"--https: bad certificate in the chain ({_ssl_reason(e)})") from None
+        cert, *chain = [x509.load_pem_x509_certificate(b) for b in blocks + _pem_blocks(chain_pem)]
+    except ValueError:
+        raise TlsError(f"--https: a certificate in {spec.cert_key} cannot be read") from None
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(
@@ -186,16 +184,15 @@ def build_context(spec: TlsSpec) -> tuple[SSL.Context, str]:
     ctx.use_certificate(cert)
     for extra in chain:
         ctx.add_extra_chain_cert(extra)
-    ctx.use_privatekey(key)
     try:
+        ctx.use_privatekey(key)
         ctx.check_privatekey()
     except SSL.Error:
         raise TlsError(
             f"--https: the private key {spec.private_key} does not match the certificate "
             f"{spec.cert_key}"
         ) from None
-    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-    return ctx, hashlib.sha256(der).hexdigest()
+    return ctx, cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _pem_blocks(pem: bytes) -> list[bytes]:

@@ -531,7 +531,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     def _abort(self) -> None:
         self._abort_timer = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         previous, self.phase = self.phase, State.CLOSED
@@ -590,7 +590,7 @@ class MediaWebSocketFactory(WebSocketServerFactory):
     idle timeout only).  Autobahn's own timers are off: every timer here runs on the clock.
     """
 
-    protocol = MediaWebSocketProtocol
+    protocol = MediaWebSocketProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(

@@ -40,7 +40,8 @@ class MediaWebSocketResource(Resource):
         self._upgrade = WebSocketResource(factory)
 
     def render(self, request: Request) -> bytes | int:
-        if len(request.postpath) > 1 or (request.postpath and not request.postpath[0]):
+        postpath = request.postpath or []
+        if len(postpath) > 1 or (postpath and not postpath[0]):
             return _plain(request, http.NOT_FOUND, b"")
         if request.method != b"GET":
             request.setHeader(b"allow", b"GET")
