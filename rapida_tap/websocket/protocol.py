@@ -363,7 +363,10 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
             self._send_media(ulaw)
 
     def send_silence(self) -> None:
-        """Nothing: Asterisk plays silence itself when its queue is empty."""
+        """No new audio: send nothing (Asterisk plays silence itself when its queue is empty),
+        but keep working off audio held during XOFF."""
+        if self._held and not self.xoff and self.phase is State.IN_CALL:
+            self._drain_held(2)
 
     def send_clear(self) -> None:
         if self.phase is not State.IN_CALL:
