@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -421,3 +423,29 @@ def test_close_frame_then_reset_is_a_caller_hangup() -> None:
     assert leg.factory.connections == 0
     left = [c for c in leg.clock.getDelayedCalls() if getattr(c.func, "__self__", None) is not None]
     assert [c for c in left if c.func.__self__ in (leg.proto, call, leg.bridge.pacer)] == []
+
+
+# -- the shipped Asterisk configuration --------------------------------------------------------
+
+ETC = Path(__file__).resolve().parents[1] / "etc"
+
+
+def test_shipped_websocket_client_conf_matches_the_endpoint() -> None:
+    text = (ETC / "websocket_client.conf").read_text()
+    uris = re.findall(r"^uri = (\S+)", text, re.M)
+    assert uris and all(u.endswith("/v1/talk/asterisk/ctx") for u in uris)
+    assert text.count("protocols = media") == len(uris)
+    assert "connection_type = per_call_config" in text
+
+
+@pytest.mark.parametrize("context", ["rapida-inbound-ws", "rapida-outbound-ws"])
+def test_shipped_dialplans_have_what_real_asterisk_needs(context: str) -> None:
+    text = (ETC / "extensions-websocket.conf").read_text()
+    body = text.split(f"[{context}]", 1)[1].split("\n[", 1)[0]
+    assert "Set(__RAPIDA_CONTEXT_ID=${CTX})" in body
+    assert "/c(ulaw)f(json)v(ctx=${CTX}),,g)" in body
+    assert "GotoIf($[${LEN(${CTX})} != 36]?error)" in body
+    assert "WebSocket(" not in body  # there is no such application
+    if context == "rapida-inbound-ws":
+        for needed in ("conntimeout", "httptimeout", "failurecodes", "X-Api-Key", "URIENCODE"):
+            assert needed in body
