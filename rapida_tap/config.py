@@ -39,6 +39,14 @@ class Settings:
     rate_burst: int = 400
     max_connections: int = 5000
     max_audio_payload: int = 8192
+    # chan_websocket (docs/websocket.md): seconds, bytes, frames of 20 ms.
+    ws_handshake_timeout: float = 10.0
+    ws_start_timeout: float = 5.0
+    ws_ping_interval: float = 10.0
+    ws_max_message: int = 65536
+    ws_max_text: int = 4096
+    ws_max_connections: int = 5000
+    ws_lead_frames: int = 3
     assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     api_key_generated: bool = False
@@ -60,6 +68,13 @@ SCALARS: dict[str, type] = {
     "rate_burst": int,
     "max_connections": int,
     "max_audio_payload": int,
+    "ws_handshake_timeout": float,
+    "ws_start_timeout": float,
+    "ws_ping_interval": float,
+    "ws_max_message": int,
+    "ws_max_text": int,
+    "ws_max_connections": int,
+    "ws_lead_frames": int,
 }
 TABLES = ("assistants", "providers")
 ENV_PREFIX = "RAPIDA_"
@@ -140,6 +155,19 @@ def validate(s: Settings) -> None:
     for key in ("context_ttl", "id_timeout", "stall_timeout", "rate_limit"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
+    for key in ("ws_handshake_timeout", "ws_start_timeout"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if s.ws_ping_interval < 0:
+        raise ConfigError("ws_ping_interval: must be 0 (off) or more seconds")
+    if not 1024 <= s.ws_max_message <= 16 * 1024 * 1024:
+        raise ConfigError("ws_max_message: must be between 1024 and 16777216 bytes")
+    if not 512 <= s.ws_max_text <= s.ws_max_message:
+        raise ConfigError("ws_max_text: must be between 512 bytes and ws_max_message")
+    if s.ws_max_connections < 1:
+        raise ConfigError("ws_max_connections: must be at least 1")
+    if not 0 <= s.ws_lead_frames <= 50:
+        raise ConfigError("ws_lead_frames: must be between 0 and 50 frames")
     if s.idle_timeout < 0:
         raise ConfigError("idle_timeout: must be 0 (off) or more seconds")
     for key in ("rate_burst", "max_connections"):

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
-from rapida_tap import __version__
+from rapida_tap import __version__, tls
 from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
@@ -31,6 +31,8 @@ from rapida_tap.web.auth import ApiKeys, generate_api_key
 from rapida_tap.web.health import HealthResource
 from rapida_tap.web.registration import RegistrationResource
 from rapida_tap.web.site import PathTree, make_site, mount
+from rapida_tap.websocket.protocol import MediaWebSocketFactory
+from rapida_tap.websocket.resource import MediaWebSocketResource
 
 log = Logger(namespace="rapida_tap")
 
@@ -102,7 +104,9 @@ def load_settings(options: usage.Options, environ: Any) -> Settings:
     settings = build_settings(file_values, environ, cli, options["api_keys"])
     from twisted.internet import reactor
 
-    for name in ("audiosocket", "http", "https"):
+    if settings.https:
+        tls.TlsServerContext(tls.parse_tls_endpoint(settings.https))  # fails early and clearly
+    for name in ("audiosocket", "http"):
         value = getattr(settings, name)
         if value:
             try:
@@ -174,6 +178,21 @@ class Daemon:
         self.root.putChild(b"", Banner())
         mount(self.root, "v1/talk/asterisk/call", self.registration)
         mount(self.root, "healthz", self.health)
+        self.websocket = MediaWebSocketFactory(
+            self.bridge,
+            handshake_timeout=settings.ws_handshake_timeout,
+            start_timeout=settings.ws_start_timeout,
+            ping_interval=settings.ws_ping_interval,
+            max_message=settings.ws_max_message,
+            max_text=settings.ws_max_text,
+            max_connections=settings.ws_max_connections,
+            lead_frames=settings.ws_lead_frames,
+        )
+        mount(self.root, "v1/talk/asterisk/ctx", MediaWebSocketResource(self.websocket))
+        self.tls: tls.TlsServerContext | None = None
+        if settings.https:
+            self.tls_spec = tls.parse_tls_endpoint(settings.https)
+            self.tls = tls.TlsServerContext(self.tls_spec)
         self.site = make_site(self.root)
 
     def service(self) -> service.MultiService:
@@ -183,10 +202,12 @@ class Daemon:
             strports.service(
                 self.settings.audiosocket, self.audiosocket, reactor=self.reactor
             ).setServiceParent(top)
-        for name in ("http", "https"):
-            endpoint = getattr(self.settings, name)
-            if endpoint:
-                strports.service(endpoint, self.site, reactor=self.reactor).setServiceParent(top)
+        if self.settings.http:
+            strports.service(self.settings.http, self.site, reactor=self.reactor).setServiceParent(
+                top
+            )
+        if self.tls is not None:
+            tls.TlsListener(self.reactor, self.tls_spec, self.tls, self.site).setServiceParent(top)
         return top
 
 

@@ -17,6 +17,8 @@ from twisted.trial import unittest
 from rapida_tap import tap
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
+from rapida_tap.tls import TlsListener
+from tests.certs import make_cert
 from tests.support import API_KEY, capture_logs, curl_get, raw_http, register
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -85,13 +87,16 @@ def test_options_every_setting() -> None:
 
 def test_options_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "r.toml"
-    config.write_text('http = "tcp:1"\naudiosocket = "tcp:2"\nhttps = "tcp:3"\n')
+    key, cert = make_cert(tmp_path)
+    tls = f"privateKey={key}:certKey={cert}"
+    config.write_text(f'http = "tcp:1"\naudiosocket = "tcp:2"\nhttps = "ssl:3:{tls}"\n')
     monkeypatch.setenv("RAPIDA_AUDIOSOCKET", "tcp:20")
-    monkeypatch.setenv("RAPIDA_HTTPS", "tcp:30")
+    monkeypatch.setenv("RAPIDA_HTTPS", f"ssl:30:{tls}")
     monkeypatch.setenv("RAPIDA_API_KEYS", "env-key-0001,env-key-0002")
-    settings = parse(["-c", str(config), "--https", "tcp:300"]).settings
+    settings = parse(["-c", str(config), "--https", f"ssl:300:{tls}"]).settings
     assert settings is not None
-    assert (settings.http, settings.audiosocket, settings.https) == ("tcp:1", "tcp:20", "tcp:300")
+    assert (settings.http, settings.audiosocket) == ("tcp:1", "tcp:20")
+    assert settings.https == f"ssl:300:{tls}"
     assert settings.api_keys == ["env-key-0001", "env-key-0002"]
     assert settings.api_key_generated is False
 
@@ -256,9 +261,12 @@ class MakeServiceTests(unittest.TestCase):
         self.assertFalse(top.running)
 
     def test_https_adds_a_listener_and_off_removes_one(self) -> None:
-        top = self.make("--api-key", API_KEY, "--audiosocket=", "--https", LOCAL)
-        listeners = [c for c in top if isinstance(c, StreamServerEndpointService)]
+        key, cert = make_cert(Path(self.mktemp()).resolve().parent)
+        https = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        top = self.make("--api-key", API_KEY, "--audiosocket=", "--https", https)
+        listeners = [c for c in top if isinstance(c, StreamServerEndpointService | TlsListener)]
         self.assertEqual(len(listeners), 2)
+        self.assertEqual(sum(isinstance(c, TlsListener) for c in listeners), 1)
         self.assertFalse(any(isinstance(c.factory, AudioSocketFactory) for c in listeners))
 
     @defer.inlineCallbacks
