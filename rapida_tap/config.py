@@ -38,6 +38,8 @@ class Settings:
     rate_burst: int = 400
     max_connections: int = 5000
     max_audio_payload: int = 8192
+    ring_timeout: float = 120.0
+    ring_check_interval: float = 5.0
     assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     api_key_generated: bool = False
@@ -59,6 +61,8 @@ SCALARS: dict[str, type] = {
     "rate_burst": int,
     "max_connections": int,
     "max_audio_payload": int,
+    "ring_timeout": float,
+    "ring_check_interval": float,
 }
 TABLES = ("assistants", "providers")
 ENV_PREFIX = "RAPIDA_"
@@ -127,11 +131,13 @@ def _coerce(key: str, value: Any, source: str | None = None) -> Any:
 
 
 def validate(s: Settings) -> None:
-    for key in ("context_ttl", "id_timeout", "stall_timeout", "rate_limit"):
+    for key in ("context_ttl", "id_timeout", "stall_timeout", "rate_limit", "ring_timeout"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
     if s.idle_timeout < 0:
         raise ConfigError("idle_timeout: must be 0 (off) or more seconds")
+    if s.ring_check_interval < 0:
+        raise ConfigError("ring_check_interval: must be 0 (off) or more seconds")
     for key in ("rate_burst", "max_connections"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key}: must be at least 1")
