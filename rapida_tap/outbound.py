@@ -426,6 +426,14 @@ class OutboundCalls:
         self._pending: set[Deferred[Any]] = set()
         bridge.call_started.append(self._call_started)
         bridge.call_ended.append(self._call_ended)
+        for p in self.providers.values():
+            self.log.info(
+                "outbound provider {name}: {url} as {user}, dialling {endpoint}",
+                name=p.name,
+                url=p.ari_url,
+                user=p.ari_user,
+                endpoint=build_endpoint(p, "000").removesuffix("000") + "<number>",
+            )
 
     # -- the API ---------------------------------------------------------------------------
 

@@ -199,6 +199,10 @@ class AnsweredCallTests(OutboundTestCase):
         self.assertEqual((ended["reason"], ended["channel_id"]), ("caller-hangup", channel_id))
         self.assertIn(f"outbound call {ctx} to {NUMBER} via pbx1: ringing", self.logs.text())
         self.assertIn(f"call {ctx} ended: caller-hangup", self.logs.text())
+        self.assertIn(
+            f"outbound provider pbx1: {self.server.url} as rapida, dialling PJSIP/trunk/<number>",
+            self.logs.text(),
+        )
         self.assertNotIn(PASSWORD, self.logs.text())
 
     @defer.inlineCallbacks
