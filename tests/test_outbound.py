@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from rapida_tap import outbound as ob
@@ -214,11 +215,17 @@ class OutboundServiceTests(SynchronousTestCase):
         self.assertEqual(record.reason, ob.NO_ANSWER)
         self.assertEqual(record.detail, "not answered within 2s")
 
-    def test_the_context_outlives_the_ring_timer_only_by_the_grace(self) -> None:
+    def test_a_failed_no_answer_hangup_is_logged_and_the_context_stays_unusable(self) -> None:
         self.service = self.make_service(ring_timeout=2.0, check_interval=0)
         self.ari.hangup_error = AriUnreachable("down")
         record = self.place()
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         self.clock.advance(2)
+        self.assertEqual(record.reason, ob.NO_ANSWER)
+        (warning,) = [e for e in logged if "could not hang up" in formatEvent(e)]
+        self.assertIn("down", formatEvent(warning))
         self.clock.advance(ob.CONNECT_GRACE + 1)
         self.failureResultOf(self.bridge.open_call(record.context_id, FakeLeg()))
 
