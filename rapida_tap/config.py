@@ -47,6 +47,8 @@ class Settings:
     ws_max_text: int = 4096
     ws_max_connections: int = 5000
     ws_lead_frames: int = 3
+    ring_timeout: float = 120.0
+    ring_check_interval: float = 5.0
     assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     api_key_generated: bool = False
@@ -75,6 +77,8 @@ SCALARS: dict[str, type] = {
     "ws_max_text": int,
     "ws_max_connections": int,
     "ws_lead_frames": int,
+    "ring_timeout": float,
+    "ring_check_interval": float,
 }
 TABLES = ("assistants", "providers")
 ENV_PREFIX = "RAPIDA_"
@@ -152,7 +156,7 @@ def _coerce(key: str, value: Any, source: str | None = None) -> Any:
 
 
 def validate(s: Settings) -> None:
-    for key in ("context_ttl", "id_timeout", "stall_timeout", "rate_limit"):
+    for key in ("context_ttl", "id_timeout", "stall_timeout", "rate_limit", "ring_timeout"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
     for key in ("ws_handshake_timeout", "ws_start_timeout"):
@@ -170,6 +174,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("ws_lead_frames: must be between 0 and 50 frames")
     if s.idle_timeout < 0:
         raise ConfigError("idle_timeout: must be 0 (off) or more seconds")
+    if s.ring_check_interval < 0:
+        raise ConfigError("ring_check_interval: must be 0 (off) or more seconds")
     for key in ("rate_burst", "max_connections"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key}: must be at least 1")

@@ -26,8 +26,10 @@ from rapida_tap.dialplan import audiosocket_dialplan
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import SHUTDOWN
+from rapida_tap.outbound import OutboundCalls, parse_providers
 from rapida_tap.ratelimit import RateLimiter
 from rapida_tap.web.auth import ApiKeys, generate_api_key
+from rapida_tap.web.calls import CallsResource
 from rapida_tap.web.health import HealthResource
 from rapida_tap.web.registration import RegistrationResource
 from rapida_tap.web.site import PathTree, make_site, mount
@@ -146,6 +148,20 @@ class BridgeService(service.Service):
             return close()
 
 
+class OutboundService(service.Service):
+    """Hangs up ringing outbound calls and closes the ARI clients when the daemon stops.
+
+    Added after ``BridgeService``, so it stops first, while contexts still exist.
+    """
+
+    def __init__(self, outbound: OutboundCalls) -> None:
+        self.outbound = outbound
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.outbound.stop()
+
+
 class Daemon:
     """Everything one node runs, built from settings; tests build it with their own reactor."""
 
@@ -173,10 +189,18 @@ class Daemon:
             RateLimiter(settings.rate_limit, settings.rate_burst),
             context_ttl=settings.context_ttl,
         )
+        self.outbound = OutboundCalls(
+            self.bridge,
+            parse_providers(settings.providers, os.environ),
+            clock=reactor,
+            ring_timeout=settings.ring_timeout,
+            check_interval=settings.ring_check_interval,
+        )
         self.health = HealthResource(self.bridge)
         self.root = PathTree()
         self.root.putChild(b"", Banner())
         mount(self.root, "v1/talk/asterisk/call", self.registration)
+        mount(self.root, "v1/talk/asterisk/calls", CallsResource(self.outbound, self.keys))
         mount(self.root, "healthz", self.health)
         self.websocket = MediaWebSocketFactory(
             self.bridge,
@@ -198,6 +222,7 @@ class Daemon:
     def service(self) -> service.MultiService:
         top = service.MultiService()
         BridgeService(self.bridge).setServiceParent(top)
+        OutboundService(self.outbound).setServiceParent(top)
         if self.settings.audiosocket:
             strports.service(
                 self.settings.audiosocket, self.audiosocket, reactor=self.reactor

@@ -252,8 +252,9 @@ class MakeServiceTests(unittest.TestCase):
         top = self.make("--api-key", API_KEY)
         self.assertIsInstance(top, service.MultiService)
         children = list(top)
-        self.assertEqual(len(children), 3)
+        self.assertEqual(len(children), 4)
         self.assertIsInstance(children[0], tap.BridgeService)
+        self.assertIsInstance(children[1], tap.OutboundService)
         listeners = [c for c in children if isinstance(c, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
         self.assertIsInstance(listeners[0].factory, AudioSocketFactory)
