@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -187,6 +188,7 @@ class RedisContextStore:
         self._pending: set[defer.Deferred[Any]] = set()
         self._ok = False
         self._error = "not started"
+        self._connect_error = ""
         self.stats: dict[str, float] = {"commands": 0, "errors": 0, "last_latency_ms": 0.0}
 
     @property
@@ -199,6 +201,8 @@ class RedisContextStore:
         """Why the store is not ``healthy`` (for /healthz); ``""`` when it is."""
         if self.healthy:
             return ""
+        if self._factory is not None and not self._factory.size and self._connect_error:
+            return f"not connected ({self._connect_error})"
         return self._error or "not connected"
 
     def start(self) -> None:
@@ -222,9 +226,8 @@ class RedisContextStore:
         factory.initialDelay = self.reconnect_initial_delay
         factory.maxDelay = self.reconnect_max_delay
         factory.deferred.addErrback(self._connection_refused)
-        factory.startConnecting(
-            HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._connect_timeout)
-        )
+        endpoint = HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._connect_timeout)
+        factory.startConnecting(_ObservedEndpoint(endpoint, self._connect_failed))
         self._factory = factory
         self._redis = factory.handler
         self._health.start(self._health_interval, now=False)
@@ -306,7 +309,7 @@ class RedisContextStore:
         Redis failures become ``ContextStoreUnavailable``, except ``WRONGTYPE`` (someone else's
         value under our key): ``ContextCorrupt``.
         """
-        redis = self._redis
+        redis, factory = self._redis, self._factory
         if redis is None:
             why = "stopped" if self._stopped else "not started"
             return defer.fail(ContextStoreUnavailable(f"redis {name}: store {why}"))
@@ -328,7 +331,9 @@ class RedisContextStore:
             if result.check(txredisapi.ResponseError) and str(result.value).startswith("WRONGTYPE"):
                 raise ContextCorrupt(context_id) from result.value
             if result.check(defer.TimeoutError, txredisapi.RedisError, defer.CancelledError):
-                if result.check(defer.TimeoutError, txredisapi.TimeoutError):
+                if not factory.size:
+                    error = f"not connected ({self._connect_error or 'connecting'})"
+                elif result.check(defer.TimeoutError, txredisapi.TimeoutError):
                     error = f"no reply within {self._command_timeout} s"
                 else:
                     error = str(result.value) or type(result.value).__name__
@@ -353,10 +358,34 @@ class RedisContextStore:
                 self.log.error("context store is down: {error}", error=error)
         self._ok = ok
         self._error = error
+        if ok:
+            self._connect_error = ""
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connect_error = failure.getErrorMessage()
 
     def _connection_refused(self, failure: Failure) -> None:
         """Authentication or SELECT failed: txredisapi stops retrying for good."""
         self._set_health(False, f"redis: {failure.getErrorMessage()}")
+
+
+@implementer(IStreamClientEndpoint)
+class _ObservedEndpoint:
+    """Tells the store why a connection attempt failed (txredisapi retries silently)."""
+
+    def __init__(self, endpoint: Any, on_failure: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._on_failure = on_failure
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = self._endpoint.connect(factory)
+
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(defer.CancelledError):
+                self._on_failure(failure)
+            return failure
+
+        return d.addErrback(failed)
 
 
 def _ms(seconds: float) -> int:

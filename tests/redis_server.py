@@ -107,6 +107,7 @@ class RedisServer:
         if shutil.which(REDIS_SERVER) is None:
             raise RedisServerError(f"{REDIS_SERVER} not on PATH (apt-get install redis-server)")
         self._reactor = reactor
+        self._pick_port = port is None  # until the first start succeeds
         self.port = port if port is not None else free_port(reactor)
         self.password = password
         self._dir: str | None = None
@@ -118,10 +119,30 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> defer.Deferred[None]:
-        """Spawn the server; fire once it answers PING, fail after ``timeout`` seconds."""
+    @defer.inlineCallbacks
+    def start(self, timeout: float = 10.0) -> Any:
+        """Spawn the server; fire once it answers PING, fail after ``timeout`` seconds.
+
+        A port of our own choosing that another process took in the meantime is replaced
+        (first start only: a restart keeps its port, clients expect it there).
+        """
         if self._process is not None:
             raise RedisServerError("already running")
+        deadline = self._reactor.seconds() + timeout
+        for attempt in range(5):
+            self._spawn()
+            try:
+                yield self._wait_ready(deadline)
+            except RedisServerError:
+                taken = b"Address already in use" in self._exited_output()
+                if not (self._pick_port and taken) or attempt == 4:
+                    raise
+                self.port = free_port(self._reactor)
+            else:
+                self._pick_port = False
+                return
+
+    def _spawn(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="rapida-redis-")
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
         argv += ["--dir", self._dir, "--save", "", "--appendonly", "no", "--daemonize", "no"]
@@ -132,20 +153,25 @@ class RedisServer:
         self._process = self._reactor.spawnProcess(
             self._exited, shutil.which(REDIS_SERVER), argv, env=None, path=self._dir
         )
-        return self._wait_ready(self._reactor.seconds() + timeout)
 
     @defer.inlineCallbacks
     def _wait_ready(self, deadline: float) -> Any:
         endpoint = TCP4ClientEndpoint(self._reactor, "127.0.0.1", self.port, timeout=1)
         while True:
             if self._process is None:
-                raise RedisServerError(f"redis-server exited: {self._last_output()}")
+                raise RedisServerError(f"redis-server exited: {self._exited_output().decode()}")
+            answered = False
             try:
                 ping = yield endpoint.connect(protocol.Factory.forProtocol(_Ping))
-                if (yield ping.answered):
-                    return
             except (error.ConnectError, error.TimeoutError):
                 pass
+            else:
+                try:
+                    answered = yield ping.answered.addTimeout(1, self._reactor)
+                except defer.TimeoutError:  # something that is not Redis holds the port
+                    ping.transport.abortConnection()
+            if answered and self._process is not None:  # ours, not a squatter on the port
+                return
             if self._reactor.seconds() > deadline:
                 yield self.kill()
                 raise RedisServerError(f"no PING answer on port {self.port}")
@@ -162,8 +188,8 @@ class RedisServer:
         proto = yield endpoint.connect(protocol.Factory.forProtocol(lambda: _Commands(commands)))
         return (yield proto.reply)
 
-    def _last_output(self) -> str:
-        return self._exited.output.decode(errors="replace") if self._exited else ""
+    def _exited_output(self) -> bytes:
+        return self._exited.output if self._exited else b""
 
     def _reap(self, _: None) -> None:
         self._process = None

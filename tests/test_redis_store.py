@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial import unittest
@@ -27,7 +27,7 @@ from rapida_tap.redis_store import (
     RedisURLError,
     parse_redis_url,
 )
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, RedisServerError
 
 # --- URL parsing (sans-IO) ------------------------------------------------------------------
 
@@ -90,7 +90,7 @@ def test_password_never_in_text(text: str) -> None:
 
 # --- the store against a real redis-server --------------------------------------------------
 
-TIMEOUT = 0.3  # command_timeout in these tests, seconds
+TIMEOUT = 0.3  # command_timeout (seconds) where a timeout is the point of the test
 
 
 def context(cid: str | None = None, **kw: Any) -> CallContext:
@@ -112,6 +112,7 @@ def eventually(check: Any, timeout: float = 5.0, what: str = "condition") -> Any
 
 class RedisStoreTestCase(unittest.TestCase):
     password: str | None = None
+    command_timeout = 5.0  # a loaded CI machine is not an outage
 
     @defer.inlineCallbacks
     def setUp(self) -> Any:
@@ -121,7 +122,7 @@ class RedisStoreTestCase(unittest.TestCase):
         self.store = self.make_store()
 
     def make_store(self, url: str | None = None, **kw: Any) -> RedisContextStore:
-        kw.setdefault("command_timeout", TIMEOUT)
+        kw.setdefault("command_timeout", self.command_timeout)
         kw.setdefault("health_interval", 0.1)
         store = RedisContextStore(reactor, url or self.server.url, **kw)
         store.start()
@@ -291,6 +292,8 @@ class CorruptValueTests(RedisStoreTestCase):
 class OutageTests(RedisStoreTestCase):
     """Every bound below is the trial ``timeout``: a hanging call fails the test."""
 
+    command_timeout = TIMEOUT
+
     @defer.inlineCallbacks
     def assert_all_unavailable(self, store: RedisContextStore) -> Any:
         cid = new_context_id()
@@ -326,6 +329,7 @@ class OutageTests(RedisStoreTestCase):
         self.assertFalse(store.healthy)
         yield self.server.start()
         yield eventually(lambda: store.healthy, what="first connection")
+        yield eventually(lambda: self.store.healthy, what="reconnect of the other node")
         ctx = context()
         yield store.mint(ctx, 30)
         self.assertEqual((yield self.store.claim(ctx.context_id)), ctx)
@@ -354,6 +358,8 @@ class OutageTests(RedisStoreTestCase):
         store = self.make_store("redis://127.0.0.1:1/0")
         yield self.assert_all_unavailable(store)
         self.assertFalse(store.healthy)
+        yield eventually(lambda: "refused" in store.last_error, what="the reason in last_error")
+        self.assertIn("not connected (Connection was refused", store.last_error)
 
     test_nothing_listening.timeout = 5  # type: ignore[attr-defined]
 
@@ -407,3 +413,39 @@ class PasswordTests(RedisStoreTestCase):
                 self.assertNotIn("wrong-pw", text)
                 self.assertNotIn("s3cret", text)
         self.assertTrue(events)
+
+
+class _Squatter(protocol.Protocol):
+    """Holds a port and never answers, like some other service would."""
+
+    def connectionMade(self) -> None:
+        self.factory.open += 1
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.open -= 1
+
+
+class RedisServerHelperTests(unittest.TestCase):
+    def squat(self) -> int:
+        factory = protocol.Factory.forProtocol(_Squatter)
+        factory.open = 0
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(lambda: eventually(lambda: factory.open == 0, what="squatter closed"))
+        self.addCleanup(port.stopListening)
+        number: int = port.getHost().port
+        return number
+
+    @defer.inlineCallbacks
+    def test_a_port_taken_meanwhile_is_replaced(self) -> Any:
+        server = RedisServer(reactor)
+        server.port = taken = self.squat()  # as if another process took it
+        yield server.start()
+        self.addCleanup(server.stop)
+        self.assertNotEqual(server.port, taken)
+        self.assertEqual((yield server.command("PING")), b"+PONG")
+
+    @defer.inlineCallbacks
+    def test_a_given_port_taken_is_an_error(self) -> Any:
+        server = RedisServer(reactor, port=self.squat())
+        failure = yield self.assertFailure(server.start(), RedisServerError)
+        self.assertIn("Address already in use", str(failure))
