@@ -254,7 +254,7 @@ class RedisContextStore:
             return defer.fail(ValueError(f"ttl must be > 0 seconds, not {ttl!r}"))
         ttl_ms = _ms(ttl)
         args = [context.to_json(), ttl_ms, ttl_ms + self._tombstone_ms]
-        d = self._command("mint", lambda r: r.eval(_MINT, self._keys(cid), args))
+        d = self._command("mint", lambda r: r.eval(_MINT, self._keys(cid), args), cid)
 
         def minted(created: Any) -> str:
             if int(created) != 1:
@@ -281,7 +281,9 @@ class RedisContextStore:
 
     def discard(self, context_id: str) -> defer.Deferred[None]:
         keys = self._keys(context_id)
-        d = self._command("discard", lambda r: r.eval(_DISCARD, keys, [self._tombstone_ms]))
+        d = self._command(
+            "discard", lambda r: r.eval(_DISCARD, keys, [self._tombstone_ms]), context_id
+        )
         return d.addCallback(lambda _: None)
 
     def _keys(self, context_id: str) -> list[str]:
@@ -366,7 +368,8 @@ class RedisContextStore:
 
     def _connection_refused(self, failure: Failure) -> None:
         """Authentication or SELECT failed: txredisapi stops retrying for good."""
-        self._set_health(False, f"redis: {failure.getErrorMessage()}")
+        self._connect_error = f"{failure.getErrorMessage()}; not retrying"
+        self._set_health(False, f"redis: {self._connect_error}")
 
 
 @implementer(IStreamClientEndpoint)

@@ -409,6 +409,7 @@ class PasswordTests(RedisStoreTestCase):
                 store.claim(new_context_id()), ContextStoreUnavailable
             )
             self.assertFalse(store.healthy)
+            yield eventually(lambda s=store: "auth" in s.last_error.lower(), what="auth error")
             for text in (str(failure), store.last_error, repr(events)):
                 self.assertNotIn("wrong-pw", text)
                 self.assertNotIn("s3cret", text)
