@@ -24,7 +24,7 @@ from rapida_tap.audiosocket.wire import (
 )
 from rapida_tap.interfaces import ICallLeg
 from rapida_tap.media import call as reasons
-from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE
+from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE, peer_text
 from rapida_tap.media.codec import Resampler, from_bridge, to_bridge
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,7 +79,7 @@ class AudioSocketProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
-        self.peer = _peer(self.transport)
+        self.peer = peer_text(self.transport)
         if self.factory.connections > self.factory.max_connections:
             self._refuse("too-many-connections", f"over {self.factory.max_connections}")
             return
@@ -313,11 +313,3 @@ class AudioSocketFactory(Factory):
 
     def buildProtocol(self, addr: object) -> AudioSocketProtocol:
         return AudioSocketProtocol(self)
-
-
-def _peer(transport: object) -> str:
-    try:
-        address = transport.getPeer()  # type: ignore[attr-defined]
-        return f"{address.host}:{address.port}"
-    except Exception:
-        return "?"

@@ -48,6 +48,7 @@ from rapida_tap.contexts import ContextStoreUnavailable, is_context_id
 from rapida_tap.interfaces import ICallLeg
 from rapida_tap.media import call as reasons
 from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
+from rapida_tap.media.legs import peer_text
 from rapida_tap.websocket import control
 from rapida_tap.websocket.control import ControlError, ControlFormat
 
@@ -164,7 +165,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         super().connectionMade()
         self.factory.connections += 1
         self._counted = True
-        self.peer_name = _peer(self.transport)
+        self.peer_name = peer_text(self.transport)
         self.lead_frames = self.factory.lead_frames
         self._timer = self.clock.callLater(self.factory.handshake_timeout, self._no_handshake)
 
@@ -634,11 +635,3 @@ class MediaWebSocketFactory(WebSocketServerFactory):
             failByDrop=True,
             webStatus=False,
         )
-
-
-def _peer(transport: object) -> str:
-    try:
-        address = transport.getPeer()  # type: ignore[attr-defined]
-        return f"{address.host}:{address.port}"
-    except Exception:
-        return "?"
