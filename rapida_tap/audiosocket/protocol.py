@@ -24,8 +24,9 @@ from rapida_tap.audiosocket.wire import (
 )
 from rapida_tap.interfaces import ICallLeg
 from rapida_tap.media import call as reasons
-from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE, peer_text
+from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE
 from rapida_tap.media.codec import Resampler, from_bridge, to_bridge
+from rapida_tap.media.legs import peer_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.bridge import MediaBridge
