@@ -297,9 +297,9 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
             events = ep.poll(max(0.0, wake - time.monotonic() - _EARLY))
             now = time.monotonic()
             for fd, mask in events:
-                call = by_fd.get(fd)
-                if call is not None:
-                    event(call, mask, now)
+                ready = by_fd.get(fd)
+                if ready is not None:
+                    event(ready, mask, now)
     finally:
         for call in calls:
             if call.state in (_IN_CALL, _DONE):
