@@ -1,0 +1,207 @@
+"""``python -m bench MODE ...``: measure the daemon (see bench/README.md).
+
+Modes: ``run`` (one load), ``max`` (largest N meeting the quality bar), ``reg`` (registrations/s
+at saturation), ``compare`` (the same load against rapida-asterisk and a peer echo server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from bench import server as servers
+from bench.client import PATTERNS
+from bench.load import LoadConfig, py_spy, run_load, run_registrations_load
+from bench.stats import BAR_INTERVAL_P99_MS, format_table
+
+
+def _core(text: str) -> int | None:
+    return None if text.lower() in ("none", "no", "") else int(text)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hold", type=float, default=10.0, help="measurement window, s [10]")
+    p.add_argument("--ramp", type=float, default=200.0, help="calls started per second [200]")
+    p.add_argument("--pattern", choices=PATTERNS, default="paced", help="input pattern [paced]")
+    p.add_argument("--burst", type=int, default=5, help="frames per burst (bursty) [5]")
+    p.add_argument("--jitter-ms", type=float, default=10.0, help="max jitter (jittered) [10]")
+    p.add_argument("--workers", type=int, default=2, help="client processes [2]")
+    p.add_argument(
+        "--core", type=_core, default=1, help="pin the server to this CPU, or 'none' [1]"
+    )
+    p.add_argument("--peer", help="an AudioSocket echo server command with {port}, not rapida")
+    p.add_argument(
+        "--noise-probe", type=float, default=1.0, help="host timer-noise probe, s (0: off) [1]"
+    )
+    p.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    run = modes.add_parser("run", help="one load of N calls")
+    run.add_argument("-n", "--calls", type=int, default=100, help="concurrent calls [100]")
+    run.add_argument("--py-spy", help="profile the server over the hold (file .svg/.json/.txt)")
+    _common(run)
+    top = modes.add_parser("max", help="the largest N meeting the quality bar")
+    top.add_argument("--start", type=int, default=100, help="first N tried [100]")
+    top.add_argument("--limit", type=int, default=2000, help="largest N tried [2000]")
+    top.add_argument("--steps", type=int, default=7, help="at most this many runs [7]")
+    _common(top)
+    cmp = modes.add_parser("compare", help="the same load against rapida and --peer")
+    cmp.add_argument("-n", "--calls", type=int, default=100, help="concurrent calls [100]")
+    _common(cmp)
+    reg = modes.add_parser("reg", help="registrations/s at saturation")
+    reg.add_argument("--concurrency", default="1,4,16,64", help="in-flight requests to try")
+    reg.add_argument("--seconds", type=float, default=3.0, help="per concurrency [3]")
+    reg.add_argument("--workers", type=int, default=2, help="client processes [2]")
+    reg.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
+    reg.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    args = parser.parse_args(argv)
+    if args.mode == "compare" and not args.peer:
+        parser.error("compare needs --peer 'COMMAND {port}'")
+    return args
+
+
+def _config(args: argparse.Namespace, calls: int) -> LoadConfig:
+    return LoadConfig(
+        calls=calls,
+        hold=args.hold,
+        ramp=args.ramp,
+        pattern=args.pattern,
+        burst=args.burst,
+        jitter_ms=args.jitter_ms,
+        workers=args.workers,
+        noise_probe=args.noise_probe,
+    )
+
+
+def _start(args: argparse.Namespace, peer: str | None) -> servers.Server:
+    if peer:
+        return servers.start_peer(peer, args.core)
+    return servers.start_daemon(args.core)
+
+
+def one_run(args: argparse.Namespace, calls: int, peer: str | None = None) -> dict[str, Any]:
+    server = _start(args, peer)
+    try:
+        profile = py_spy(args.py_spy) if getattr(args, "py_spy", None) else None
+        return run_load(_config(args, calls), server, profile)
+    finally:
+        server.stop()
+
+
+def find_max(args: argparse.Namespace) -> dict[str, Any]:
+    """Double N from ``--start`` while the bar holds, then bisect; fresh server per run."""
+    tried: dict[int, dict[str, Any]] = {}
+
+    def ok(n: int) -> bool:
+        metrics = one_run(args, n, args.peer)
+        tried[n] = metrics
+        print(_line(n, metrics), flush=True)
+        return bool(metrics["meets_bar"])
+
+    good, bad, n = 0, None, args.start
+    while len(tried) < args.steps and n <= args.limit:
+        if ok(n):
+            good, n = n, min(n * 2, args.limit) if n < args.limit else args.limit + 1
+        else:
+            bad = n
+            break
+    while bad is not None and len(tried) < args.steps and bad - good > max(10, good // 10):
+        n = (good + bad) // 2
+        if ok(n):
+            good = n
+        else:
+            bad = n
+    return {"max_calls": good, "first_failing": bad, "runs": {str(k): v for k, v in tried.items()}}
+
+
+def _line(n: int, m: dict[str, Any]) -> str:
+    return (
+        f"N={n:5d}  bar={'PASS' if m['meets_bar'] else 'fail'}  "
+        f"p99 err={m['interval_error_ms']['p99']:.3f} ms  lost={m['frames_lost']}  "
+        f"underruns={m['underruns_daemon'] if m['underruns_daemon'] is not None else '-'}/"
+        f"{m['underruns_client']}  server={m['server_cpu_core_percent']:.0f}%  "
+        f"client={m['client_cpu_core_percent']:.0f}%  failed={m['calls_failed']}"
+    )
+
+
+def _emit(result: dict[str, Any], target: str | None) -> None:
+    if not target:
+        return
+    text = json.dumps(_clean(result), indent=2, sort_keys=True)
+    if target == "-":
+        print(text)
+    else:
+        with open(target, "w") as f:
+            f.write(text + "\n")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: missing figures become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    pinned = f"server pinned to CPU {args.core}" if args.core is not None else "server unpinned"
+    if args.mode == "reg":
+        server = servers.start_daemon(args.core)
+        try:
+            rows = []
+            for c in (int(x) for x in args.concurrency.split(",")):
+                rows.append(run_registrations_load(server, c, args.seconds, args.workers))
+        finally:
+            server.stop()
+        print(f"registrations ({pinned}, {args.seconds:g} s per row)")
+        print("concurrency   reg/s    p50 ms    p99 ms    max ms  server%  client%")
+        for r in rows:
+            lat = r["registration_latency_ms"]
+            print(
+                f"{r['concurrency']:11d} {r['registrations_per_second']:7.0f} "
+                f"{lat['p50']:9.3f} {lat['p99']:9.3f} {lat['max']:9.3f} "
+                f"{r['server_cpu_core_percent']:7.0f}  {r['client_cpu_core_percent']:7.0f}"
+            )
+        fit = [r for r in rows if r["registration_latency_ms"]["p99"] <= 5.0]
+        best = max(fit or rows, key=lambda r: r["registrations_per_second"])
+        result = {"rows": rows, "best_within_p99_5ms": best if fit else None}
+        _emit(result, args.json)
+        return 0
+    if args.mode == "max":
+        result = find_max(args)
+        print(
+            f"max N meeting the bar (p99 interval error <= {BAR_INTERVAL_P99_MS:g} ms, 0 lost, "
+            f"0 underruns), {args.pattern}, {pinned}: {result['max_calls']}"
+        )
+        _emit(result, args.json)
+        return 0
+    if args.mode == "compare":
+        columns = {
+            "rapida": one_run(args, args.calls),
+            "peer": one_run(args, args.calls, args.peer),
+        }
+        print(f"{args.calls} calls, {args.pattern}, hold {args.hold:g} s, {pinned}")
+        print(format_table(columns))
+        _emit(columns, args.json)
+        return 0
+    metrics = one_run(args, args.calls, args.peer)
+    print(f"{args.calls} calls, {args.pattern}, hold {args.hold:g} s, {pinned}")
+    print(format_table({metrics["server"]: metrics}))
+    if metrics["errors"]:
+        print(f"errors: {metrics['errors']}")
+    _emit(metrics, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

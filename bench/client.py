@@ -1,0 +1,390 @@
+"""One load-generating client process: many AudioSocket calls on one epoll loop.
+
+A process runs its share of the calls as plain non-blocking sockets (no framework, so the
+client stays cheap and its own CPU is easy to report): per call, register over HTTP exactly as
+Asterisk's ``CURL()`` does, connect AudioSocket, send the UUID frame, then numbered tone frames
+on the chosen pattern until ``stop_at``; read everything the server returns, drain for
+``drain`` seconds, hang up by closing.  `run_worker` is the entry point given to
+``multiprocessing``; it returns a plain picklable dict.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import math
+import os
+import random
+import select
+import socket
+import time
+import uuid
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from bench.frames import FRAME_SECONDS, audio_frame, identify
+from bench.stats import EchoTracker
+from rapida_tap.audiosocket.wire import AudioSocketDecoder, FrameError, Kind, encode_frame
+
+PACED = "paced"
+BURSTY = "bursty"
+JITTERED = "jittered"
+PATTERNS = (PACED, BURSTY, JITTERED)
+
+# Call states.
+_REG_CONNECT, _REG_READ, _AS_CONNECT, _IN_CALL, _DONE, _FAILED = range(6)
+_SLIN8 = int(Kind.SLIN_8K)
+_HANGUP = int(Kind.HANGUP)
+_EARLY = 0.0005  # seconds: write a frame this much before it is due rather than spin
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one client process does.  Times are absolute ``time.monotonic()`` seconds."""
+
+    starts: tuple[float, ...]  # one per call, ascending
+    first_index: int  # index of this process's first call (for caller ids)
+    stop_at: float  # stop sending audio
+    hold_from: float  # measurement window is [hold_from, stop_at)
+    as_port: int
+    http_port: int | None  # None: no registration, a random UUID (a peer echo server)
+    api_key: str = ""
+    assistant: str = "echo"
+    pattern: str = PACED
+    burst: int = 5  # frames per write, bursty pattern
+    jitter: float = 0.010  # seconds, jittered pattern: each frame late by U(0, jitter)
+    drain: float = 2.0  # after stop_at, read until everything is back or this long
+    cpu: int | None = None  # pin this process to that CPU
+    seed: int = 0
+
+
+class _Call:
+    __slots__ = (
+        "decoder",
+        "due_base",
+        "error",
+        "inbox",
+        "index",
+        "next_frame",
+        "out",
+        "setup_start",
+        "sock",
+        "start",
+        "state",
+        "tracker",
+    )
+
+    def __init__(self, index: int, start: float, tracker: EchoTracker) -> None:
+        self.index = index
+        self.start = start
+        self.tracker = tracker
+        self.state = _REG_CONNECT
+        self.sock: socket.socket | None = None
+        self.inbox = b""
+        self.out = b""
+        self.error = ""
+        self.setup_start = math.nan
+        self.decoder = AudioSocketDecoder(max_audio_payload=65535)
+        self.next_frame = 1
+        self.due_base = 0.0
+
+
+def registration_request(assistant: str, caller: str, api_key: str) -> bytes:
+    """The GET func_curl sends (see tests/support.py ``curl_get``)."""
+    return (
+        f"GET /v1/talk/asterisk/call/{assistant}?from={caller} HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\nUser-Agent: asterisk-libcurl-agent/1.0\r\nAccept: */*\r\n"
+        f"X-Api-Key: {api_key}\r\n\r\n"
+    ).encode("latin-1")
+
+
+def parse_reply(data: bytes) -> tuple[int, bytes]:
+    """``(status, body)`` of a whole HTTP/1.1 reply (the server closed after it); 0 if garbled."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return 0, b""
+    return int(parts[1]), body
+
+
+def run_worker(plan: WorkerPlan) -> dict[str, Any]:
+    """Run the plan to the end and return its raw results (see `bench.load.summarize`)."""
+    if plan.cpu is not None:
+        os.sched_setaffinity(0, {plan.cpu})
+    rng = random.Random(plan.seed)
+    intervals: array[float] = array("d")
+    latencies: array[float] = array("d")
+    early: array[float] = array("d")
+    late: array[float] = array("d")
+    lag: array[float] = array("d")
+    calls = [
+        _Call(plan.first_index + i, start, _tracker(plan, intervals, latencies, early, late))
+        for i, start in enumerate(plan.starts)
+    ]
+    by_fd: dict[int, _Call] = {}
+    heap: list[tuple[float, int]] = []
+    ep = select.epoll()
+    request_for = {}
+    blocked = 0
+    period = FRAME_SECONDS * (plan.burst if plan.pattern == BURSTY else 1)
+    uuid_rng = random.Random(plan.seed ^ 0x5EED)
+
+    def close(call: _Call) -> None:
+        sock = call.sock
+        if sock is not None:
+            by_fd.pop(sock.fileno(), None)
+            try:
+                ep.unregister(sock.fileno())
+            except (OSError, ValueError):
+                pass
+            sock.close()
+            call.sock = None
+
+    def fail(call: _Call, why: str) -> None:
+        call.state = _FAILED
+        call.error = why
+        close(call)
+
+    def connect(call: _Call, port: int, state: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(("127.0.0.1", port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            fail(call, f"connect: {errno.errorcode.get(err, err)}")
+            return
+        call.sock = sock
+        call.state = state
+        by_fd[sock.fileno()] = call
+        ep.register(sock.fileno(), select.EPOLLOUT)
+
+    def begin(call: _Call, now: float) -> None:
+        call.setup_start = now
+        if plan.http_port is None:
+            call.inbox = uuid.UUID(int=uuid_rng.getrandbits(128), version=4).bytes
+            connect(call, plan.as_port, _AS_CONNECT)
+        else:
+            request_for[call.index] = registration_request(
+                plan.assistant, f"bench{call.index}", plan.api_key
+            )
+            connect(call, plan.http_port, _REG_CONNECT)
+
+    def write(call: _Call, data: bytes) -> None:
+        nonlocal blocked
+        sock = call.sock
+        assert sock is not None
+        if call.out:
+            blocked += 1
+            data = call.out + data
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            fail(call, f"send: {e.strerror}")
+            return
+        call.out = data[sent:]
+
+    def send_due(call: _Call, due: float, now: float) -> None:
+        lag.append(now - due)
+        k = call.next_frame
+        if plan.pattern == BURSTY:
+            data = b"".join(audio_frame(k + i) for i in range(plan.burst))
+            for _ in range(plan.burst):
+                call.tracker.sent(now)
+            call.next_frame = k + plan.burst
+        else:
+            data = audio_frame(k)
+            call.tracker.sent(now)
+            call.next_frame = k + 1
+        write(call, data)
+        if call.state == _IN_CALL:
+            heapq.heappush(heap, (_due(call, plan, period, rng), call.index - plan.first_index))
+
+    def event(call: _Call, mask: int, now: float) -> None:
+        sock = call.sock
+        assert sock is not None
+        state = call.state
+        if state in (_REG_CONNECT, _AS_CONNECT):
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                fail(call, f"connect: {errno.errorcode.get(err, err)}")
+                return
+            ep.modify(sock.fileno(), select.EPOLLIN)
+            if state == _REG_CONNECT:
+                call.state = _REG_READ
+                write(call, request_for.pop(call.index))
+            else:
+                call.state = _IN_CALL
+                write(call, encode_frame(Kind.UUID, call.inbox))
+                call.inbox = b""
+                call.due_base = now
+                call.next_frame = 1
+                first = now + (plan.burst - 1) * FRAME_SECONDS if plan.pattern == BURSTY else now
+                heapq.heappush(heap, (first, call.index - plan.first_index))
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            data = b""
+            call.error = f"recv: {e.strerror}"
+        if state == _REG_READ:
+            if data:
+                call.inbox += data
+                return
+            status, body = parse_reply(call.inbox)
+            close(call)
+            if status != 200 or len(body) != 36:
+                fail(call, f"registration: HTTP {status}")
+                return
+            call.inbox = uuid.UUID(body.decode("ascii")).bytes
+            connect(call, plan.as_port, _AS_CONNECT)
+            return
+        if not data:  # the server hung up
+            if now < plan.stop_at:
+                fail(call, call.error or "server closed the call")
+            else:
+                call.state = _DONE
+                close(call)
+            return
+        try:
+            frames = call.decoder.feed(data)
+        except FrameError as e:
+            fail(call, f"bad frame from server: {e}")
+            return
+        received = call.tracker.received
+        for kind, payload in frames:
+            if kind == _SLIN8:
+                received(identify(payload), now)
+            elif kind == _HANGUP:
+                if now < plan.stop_at:
+                    fail(call, "server sent a hangup frame")
+                return
+            else:
+                received(-1, now)
+
+    cpu0 = time.process_time()
+    wall0 = time.monotonic()
+    end = plan.stop_at + plan.drain
+    next_start = 0
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= end or (now >= plan.stop_at and _all_echoed(calls)):
+                break
+            while next_start < len(calls) and calls[next_start].start <= now:
+                begin(calls[next_start], now)
+                next_start += 1
+            if now < plan.stop_at:
+                soon = now + _EARLY
+                while heap and heap[0][0] <= soon:
+                    due, i = heapq.heappop(heap)
+                    call = calls[i]
+                    if call.state == _IN_CALL:
+                        send_due(call, due, now)
+            wake = end
+            if heap and now < plan.stop_at:
+                wake = min(wake, heap[0][0], plan.stop_at)
+            if next_start < len(calls):
+                wake = min(wake, calls[next_start].start)
+            # epoll rounds its timeout up to whole ms; frames due within _EARLY go out now,
+            # so the client never spins (it shares a CPU with others) and is at most ~0.5 ms
+            # early or late.
+            events = ep.poll(max(0.0, wake - time.monotonic() - _EARLY))
+            now = time.monotonic()
+            for fd, mask in events:
+                ready = by_fd.get(fd)
+                if ready is not None:
+                    event(ready, mask, now)
+    finally:
+        for call in calls:
+            if call.state in (_IN_CALL, _DONE):
+                call.state = _DONE
+            elif call.state != _FAILED:
+                call.state = _FAILED
+                call.error = call.error or "not set up before the end"
+            close(call)
+        ep.close()
+    cpu1 = time.process_time()
+    return _results(plan, calls, intervals, latencies, early, late, lag, blocked, cpu0, cpu1, wall0)
+
+
+def _all_echoed(calls: list[_Call]) -> bool:
+    for call in calls:
+        if call.state == _IN_CALL and call.tracker.expect < len(call.tracker.send_times):
+            return False
+    return True
+
+
+def _tracker(
+    plan: WorkerPlan,
+    intervals: array[float],
+    latencies: array[float],
+    early: array[float],
+    late: array[float],
+) -> EchoTracker:
+    return EchoTracker(plan.hold_from, plan.stop_at, intervals, latencies, early, late)
+
+
+def _due(call: _Call, plan: WorkerPlan, period: float, rng: random.Random) -> float:
+    """When ``call.next_frame`` (or the burst ending at it) is written."""
+    k = call.next_frame - 1  # frames written so far
+    if plan.pattern == BURSTY:
+        return call.due_base + (k + plan.burst - 1) * FRAME_SECONDS
+    due = call.due_base + k * FRAME_SECONDS
+    if plan.pattern == JITTERED:
+        due += rng.uniform(0.0, plan.jitter)
+    return due
+
+
+def _results(
+    plan: WorkerPlan,
+    calls: list[_Call],
+    intervals: array[float],
+    latencies: array[float],
+    early: array[float],
+    late: array[float],
+    lag: array[float],
+    blocked: int,
+    cpu0: float,
+    cpu1: float,
+    wall0: float,
+) -> dict[str, Any]:
+    errors: dict[str, int] = {}
+    setup: list[float] = []
+    totals = dict.fromkeys(
+        ("sent", "echoed", "lost", "duplicated", "corrupt", "silence", "underruns"), 0
+    )
+    for call in calls:
+        t = call.tracker
+        if call.state == _FAILED:
+            errors[call.error] = errors.get(call.error, 0) + 1
+        t.finish()
+        if t.first_echo_at is not None:
+            setup.append(t.first_echo_at - call.setup_start)
+        totals["sent"] += t.sent_frames
+        totals["echoed"] += t.echoed
+        totals["lost"] += t.lost
+        totals["duplicated"] += t.duplicated
+        totals["corrupt"] += t.corrupt
+        totals["silence"] += t.silence
+        totals["underruns"] += t.underruns
+    return {
+        "calls": len(calls),
+        "failed": sum(errors.values()),
+        "errors": errors,
+        **totals,
+        "setup": setup,
+        "intervals": intervals,
+        "latencies": latencies,
+        "early": early,
+        "late": late,
+        "lag": lag,
+        "blocked_writes": blocked,
+        "cpu_seconds": cpu1 - cpu0,
+        "wall_seconds": time.monotonic() - wall0,
+    }

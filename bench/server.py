@@ -1,0 +1,203 @@
+"""The server under test: start it (pinned to a core), wait until it listens, watch its /proc.
+
+Either the rapida-asterisk daemon (``twistd -n rapida-asterisk`` on free 127.0.0.1 ports, with
+the rate limit lifted so the bench is not throttled) or any AudioSocket echo server given as a
+command line with a ``{port}`` placeholder.  The daemon's log goes to a file; its one
+"call ... ended" line per call carries the daemon's own underrun count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "bench-key-0123456789"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_ENDED = re.compile(rb"call \S+ ended: .*? frames_in=(\d+) frames_out=(\d+) underruns=(\d+)")
+
+
+class ServerFailed(Exception):
+    """The server under test did not start, or died during the run."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all threads) from /proc/PID/stat, seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of ``pid`` from /proc/PID/status, MB (10**6 bytes)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise ServerFailed(f"no VmRSS for pid {pid}")
+
+
+def daemon_call_counts(log: bytes) -> tuple[int, int, int]:
+    """``(calls ended, frames_out, underruns)`` summed over the daemon's "call ended" lines."""
+    ended = frames_out = underruns = 0
+    for match in _ENDED.finditer(log):
+        ended += 1
+        frames_out += int(match.group(2))
+        underruns += int(match.group(3))
+    return ended, frames_out, underruns
+
+
+@dataclass
+class Server:
+    """A running server process; ``http_port`` is None for a peer without registration."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    as_port: int
+    http_port: int | None
+    log_path: Path
+    pinned: str | None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise ServerFailed(f"{self.name} exited with {self.process.returncode}: {self.tail()}")
+
+    def tail(self, n: int = 2000) -> str:
+        return self.log().decode("utf-8", "replace")[-n:]
+
+    def log(self) -> bytes:
+        try:
+            return self.log_path.read_bytes()
+        except OSError:
+            return b""
+
+    def wait_calls_ended(self, calls: int, timeout: float = 10.0) -> tuple[int, int, int] | None:
+        """The daemon's view once ``calls`` calls have logged their end (None for a peer)."""
+        if self.http_port is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = daemon_call_counts(self.log())
+            if counts[0] >= calls or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+        self.log_path.unlink(missing_ok=True)
+
+
+def _pin(core: int | None) -> list[str]:
+    return ["taskset", "-c", str(core)] if core is not None else []
+
+
+def start_daemon(core: int | None = None, extra_env: dict[str, str] | None = None) -> Server:
+    """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given."""
+    as_port, http_port = free_port(), free_port()
+    command = [
+        *_pin(core),
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "rapida-asterisk",
+        "--api-key",
+        API_KEY,
+        "--http",
+        f"tcp:{http_port}:interface=127.0.0.1",
+        "--audiosocket",
+        f"tcp:{as_port}:interface=127.0.0.1",
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("RAPIDA_RATE_LIMIT", "1000000000")
+    env.setdefault("RAPIDA_RATE_BURST", "1000000000")
+    env.setdefault("RAPIDA_MAX_CONNECTIONS", "100000")
+    env.update(extra_env or {})
+    server = _spawn("rapida-asterisk", command, env, as_port, http_port, core)
+    _wait(server, lambda: _healthy(http_port))
+    return server
+
+
+def start_peer(command: str, core: int | None = None) -> Server:
+    """Any AudioSocket echo server: ``command`` with ``{port}`` for its listening port."""
+    if "{port}" not in command:
+        raise ValueError("the peer command needs a {port} placeholder")
+    as_port = free_port()
+    argv = [*_pin(core), *shlex.split(command.replace("{port}", str(as_port)))]
+    server = _spawn(argv[len(_pin(core))], argv, dict(os.environ), as_port, None, core)
+    _wait(server, lambda: _listening(as_port))
+    return server
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    as_port: int,
+    http_port: int | None,
+    core: int | None,
+) -> Server:
+    fd, path = tempfile.mkstemp(prefix="bench-server-", suffix=".log")
+    log = os.fdopen(fd, "wb")
+    process = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO
+    )
+    pinned = f"core {core}" if core is not None else None
+    return Server(name, process, as_port, http_port, Path(path), pinned, log)
+
+
+def _wait(server: Server, ready: object, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():  # type: ignore[operator]
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            tail = server.tail()
+            server.stop()
+            raise ServerFailed(f"{server.name} did not come up: {tail}")
+        time.sleep(0.05)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

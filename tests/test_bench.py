@@ -1,0 +1,319 @@
+"""The bench harness: its sans-IO bookkeeping, and a tiny real run so it cannot rot.
+
+The real runs start the daemon (and the naive asyncio peer) as subprocesses on free 127.0.0.1
+ports through ``python -m bench`` exactly as documented, for about a second each; they assert
+that every metric is present and that a healthy tiny load loses nothing, not any timing figure
+(this machine is shared, timing is what the benchmark reports, not what a test can demand).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from array import array
+from pathlib import Path
+
+import pytest
+
+from bench import frames
+from bench.client import parse_reply, registration_request
+from bench.server import cpu_seconds, daemon_call_counts, rss_mb
+from bench.stats import EchoTracker, format_table, meets_bar, percentile, spread_ms
+
+REPO = Path(__file__).resolve().parents[1]
+
+# -- frames ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [1, 2, 49, 50, 51, 12345, 2**31 - 1])
+def test_numbered_frames_identify_themselves(seq: int) -> None:
+    payload = frames.payload(seq)
+    assert len(payload) == frames.PAYLOAD_BYTES
+    assert frames.identify(payload) == seq
+    assert frames.audio_frame(seq) == b"\x10\x01\x40" + payload
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (frames.SILENCE, frames.IS_SILENCE),
+        (frames.payload(7)[:-1], frames.IS_CORRUPT),  # short
+        (frames.payload(7)[:100] + b"\x01" + frames.payload(7)[101:], frames.IS_CORRUPT),
+        (b"\x07\x00\x00\x00" + frames.payload(7)[4:], frames.IS_CORRUPT),  # mark bit missing
+        (b"\x00\x00\x00\x80" + frames.payload(7)[4:], frames.IS_CORRUPT),  # sequence 0
+        (bytes(range(256)) + bytes(64), frames.IS_CORRUPT),
+    ],
+)
+def test_identify_rejects_what_we_did_not_send(data: bytes, expected: int) -> None:
+    assert frames.identify(data) == expected
+
+
+@pytest.mark.parametrize("seq", [0, -1, 2**31])
+def test_sequence_numbers_out_of_range_are_refused(seq: int) -> None:
+    with pytest.raises(ValueError, match="sequence number must be"):
+        frames.payload(seq)
+
+
+# -- echo tracking -------------------------------------------------------------------------------
+
+
+def _tracker(hold_from: float = 0.0, hold_to: float = 100.0) -> tuple[EchoTracker, dict]:
+    arrays = {k: array("d") for k in ("intervals", "latencies", "early", "late")}
+    return EchoTracker(hold_from, hold_to, **arrays), arrays
+
+
+def test_clean_echo_counts_nothing_bad() -> None:
+    t, a = _tracker()
+    for i in range(1, 6):
+        assert t.sent(i * 0.02) == i
+        t.received(i, i * 0.02 + 0.005)
+    t.finish()
+    assert (t.echoed, t.lost, t.duplicated, t.corrupt, t.underruns) == (5, 0, 0, 0, 0)
+    assert list(a["latencies"]) == pytest.approx([0.005] * 5)
+    assert list(a["intervals"]) == pytest.approx([0.0] * 4, abs=1e-9)
+    assert t.first_echo_at == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize(
+    ("returned", "lost", "duplicated", "corrupt", "underruns"),
+    [
+        ([1, 2, 3, 4], 0, 0, 0, 0),
+        ([1, 3, 4], 1, 0, 0, 0),  # a gap is loss
+        ([1, 2], 2, 0, 0, 0),  # never echoed by the end is loss
+        ([1, 2, 2, 3, 4], 0, 1, 0, 0),
+        ([1, 2, frames.IS_CORRUPT, 3, 4], 0, 0, 1, 0),
+        ([1, 9, 2, 3, 4], 0, 0, 1, 0),  # a frame never sent
+        ([1, 0, 0, 2, 3, 0, 4], 0, 0, 0, 2),  # silence between echoes: two gaps
+        ([0, 0, 1, 2, 3, 4, 0, 0], 0, 0, 0, 0),  # silence before and after is not a gap
+    ],
+)
+def test_tracker_judges_each_returned_frame(
+    returned: list[int], lost: int, duplicated: int, corrupt: int, underruns: int
+) -> None:
+    t, _ = _tracker()
+    for i in range(4):
+        t.sent(i * 0.02)
+    for n, ident in enumerate(returned):
+        t.received(ident, 0.01 + n * 0.02)
+    t.finish()
+    assert (t.lost, t.duplicated, t.corrupt, t.underruns) == (lost, duplicated, corrupt, underruns)
+
+
+def test_only_the_hold_window_is_sampled() -> None:
+    t, a = _tracker(hold_from=1.0, hold_to=3.0)
+    times = [0.5, 1.5, 2.5, 3.5]
+    for at in times:
+        t.sent(at)
+    for seq, at in enumerate(times, 1):
+        t.received(seq, at + 0.01)
+    assert list(a["latencies"]) == pytest.approx([0.01, 0.01])
+    assert list(a["early"]) == pytest.approx([0.01])  # sent in [1, 2)
+    assert list(a["late"]) == pytest.approx([0.01])  # sent in [2, 3)
+    assert list(a["intervals"]) == pytest.approx([0.98, 0.98])  # arrivals 1.51 and 2.51
+
+
+# -- statistics and the bar ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([3.0, 1.0, 2.0], 50, 2.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.0),
+        (list(map(float, range(1, 101))), 99, 99.0),
+        (list(map(float, range(1, 101))), 100, 100.0),
+        ([5.0], 0, 5.0),
+    ],
+)
+def test_percentile_is_nearest_rank(values: list[float], q: float, expected: float) -> None:
+    assert percentile(values, q) == expected
+
+
+def test_percentile_of_nothing_is_nan_and_bad_q_is_refused() -> None:
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError, match=r"percentile must be 0\.\.100"):
+        percentile([1.0], 101)
+    assert spread_ms([0.001, 0.002], 50, 100) == {"p50": 1.0, "max": 2.0}
+
+
+def _metrics(**over: object) -> dict:
+    m = {
+        "calls_failed": 0,
+        "frames_lost": 0,
+        "underruns_daemon": 0,
+        "underruns_client": 0,
+        "interval_error_ms": {"p99": 1.5},
+    }
+    m.update(over)
+    return m
+
+
+@pytest.mark.parametrize(
+    ("over", "passes"),
+    [
+        ({}, True),
+        ({"interval_error_ms": {"p99": 2.0}}, True),
+        ({"interval_error_ms": {"p99": 2.01}}, False),
+        ({"interval_error_ms": {"p99": math.nan}}, False),
+        ({"frames_lost": 1}, False),
+        ({"underruns_daemon": 1}, False),
+        ({"underruns_daemon": None, "underruns_client": 1}, False),
+        ({"underruns_daemon": 0, "underruns_client": 3}, True),  # the daemon's view wins
+        ({"calls_failed": 1}, False),
+    ],
+)
+def test_quality_bar(over: dict, passes: bool) -> None:
+    assert meets_bar(_metrics(**over)) is passes
+
+
+def test_table_has_a_column_per_run_and_marks_missing_figures() -> None:
+    table = format_table({"a": {"calls": 3, "meets_bar": True}, "b": {"calls": 4}})
+    header, rule, *rows = table.splitlines()
+    assert header.split() == ["metric", "a", "b"]
+    assert set(rule) <= {"-", " "}
+    assert rows[0].split() == ["calls", "3", "4"]
+    assert rows[-1].split()[-2:] == ["PASS", "-"]
+
+
+# -- HTTP, logs, /proc -----------------------------------------------------------------------------
+
+
+def test_registration_request_is_curl_like_and_replies_parse() -> None:
+    request = registration_request("echo", "bench1", "k" * 12)
+    assert request.startswith(b"GET /v1/talk/asterisk/call/echo?from=bench1 HTTP/1.1\r\n")
+    assert b"\r\nX-Api-Key: kkkkkkkkkkkk\r\n\r\n" in request
+    assert parse_reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab") == (200, b"ab")
+    assert parse_reply(b"HTTP/1.1 401 Unauthorized\r\n\r\n") == (401, b"")
+    assert parse_reply(b"garbage") == (0, b"")
+    assert parse_reply(b"") == (0, b"")
+
+
+def test_daemon_call_lines_are_summed() -> None:
+    log = (
+        b"x [rapida_tap.media.bridge.MediaBridge#info] call a ended: caller-hangup after 1.0s;"
+        b" assistant=echo caller='1' transport=audiosocket frames_in=50 frames_out=49"
+        b" underruns=2\n"
+        b"x call b started: assistant=echo\n"
+        b"x call c ended: idle-timeout (nothing) after 60.0s; assistant=echo caller='' "
+        b"transport=audiosocket frames_in=0 frames_out=0 underruns=0\n"
+    )
+    assert daemon_call_counts(log) == (2, 49, 2)
+    assert daemon_call_counts(b"") == (0, 0, 0)
+
+
+def test_proc_readers_see_this_process() -> None:
+    assert cpu_seconds(os.getpid()) > 0
+    assert 1 < rss_mb(os.getpid()) < 10_000
+
+
+# -- the harness itself, tiny and real -------------------------------------------------------------
+
+LOAD_METRICS = {
+    "calls",
+    "calls_failed",
+    "frames_sent",
+    "frames_echoed",
+    "frames_lost",
+    "frames_bad",
+    "underruns_daemon",
+    "underruns_client",
+    "interval_error_ms",
+    "echo_latency_ms",
+    "latency_drift_ms",
+    "setup_ms",
+    "server_cpu_seconds",
+    "server_cpu_core_percent",
+    "server_cpu_per_call_second",
+    "server_rss_idle_mb",
+    "server_rss_mb",
+    "server_rss_per_call_mb",
+    "client_cpu_seconds",
+    "client_cpu_core_percent",
+    "client_send_lag_ms",
+    "host_timer_noise_ms",
+    "meets_bar",
+}
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[str, object]:
+    out = tmp_path / "result.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def _check_load(m: dict, calls: int, daemon: bool) -> None:
+    assert LOAD_METRICS <= set(m), LOAD_METRICS - set(m)
+    assert m["calls"] == calls
+    assert m["calls_failed"] == 0, m["errors"]
+    assert m["frames_sent"] > calls * 20  # a second of audio each, at least
+    assert m["frames_lost"] == 0
+    assert m["frames_bad"] == 0
+    assert m["frames_echoed"] == m["frames_sent"]
+    if daemon:
+        assert m["daemon_calls_ended"] == calls
+        assert isinstance(m["underruns_daemon"], int)
+    else:
+        assert m["underruns_daemon"] is None
+    for key in ("interval_error_ms", "echo_latency_ms"):
+        assert set(m[key]) == {"p50", "p99", "max"}
+        assert all(isinstance(v, float) for v in m[key].values()), m[key]
+    assert set(m["setup_ms"]) == {"p50", "p99"}
+    assert m["echo_latency_ms"]["p50"] > 0
+    assert m["server_rss_mb"] > 0
+    assert m["client_cpu_seconds"] > 0
+    assert set(m["host_timer_noise_ms"]) == {"p50", "p99", "max"}
+    assert isinstance(m["meets_bar"], bool)
+
+
+def test_compare_runs_the_same_tiny_load_on_the_daemon_and_a_peer(tmp_path: Path) -> None:
+    peer = f"{sys.executable} -m bench.peers.asyncio_echo {{port}}"
+    stdout, result = _bench(
+        tmp_path,
+        *("compare", "-n", "3", "--hold", "1", "--ramp", "50", "--workers", "2"),
+        *("--core", "none", "--noise-probe", "0.2", "--pattern", "bursty", "--peer", peer),
+    )
+    assert isinstance(result, dict)
+    _check_load(result["rapida"], 3, daemon=True)
+    _check_load(result["peer"], 3, daemon=False)
+    assert "interval err p99 ms" in stdout
+    assert stdout.splitlines()[1].split() == ["metric", "rapida", "peer"]
+
+
+def test_max_mode_prints_one_figure(tmp_path: Path) -> None:
+    stdout, result = _bench(
+        tmp_path,
+        *("max", "--start", "2", "--steps", "1", "--hold", "1", "--ramp", "50"),
+        *("--core", "none", "--noise-probe", "0"),
+    )
+    assert isinstance(result, dict)
+    assert set(result["runs"]) == {"2"}
+    _check_load(result["runs"]["2"], 2, daemon=True)
+    assert result["max_calls"] in (0, 2)
+    assert stdout.strip().splitlines()[-1].endswith(f": {result['max_calls']}")
+
+
+def test_registration_mode_reports_rate_and_latency(tmp_path: Path) -> None:
+    stdout, result = _bench(
+        tmp_path, "reg", "--concurrency", "1,2", "--seconds", "0.5", "--core", "none"
+    )
+    assert isinstance(result, dict)
+    rows = result["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["registrations"] > 0
+        assert r["statuses"] == {"200": r["registrations"]}
+        assert r["registrations_per_second"] > 0
+        assert set(r["registration_latency_ms"]) == {"p50", "p99", "max"}
+    assert "reg/s" in stdout
