@@ -336,3 +336,49 @@ class BridgeTests(SynchronousTestCase):
         self.assertEqual(len(self.bridge.pacer), 0)
         self.store.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class BacklogTrimTests(SynchronousTestCase):
+    """Real-time sources (echo): a standing backlog is worked off, bursts are left alone."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(self.clock)
+        self.leg = FakeLeg()
+        self.call = Call(
+            CallContext(new_context_id(), "a"), self.leg, clock=self.clock, pacer=self.pacer
+        )
+        self.call.trim_backlog = True
+        self.n = 1  # frame(0) would be silence
+
+    def feed(self, frames: int) -> None:
+        for _ in range(frames):
+            self.call.play(frame(self.n))
+            self.n += 1
+
+    def test_latency_added_by_a_stall_comes_back(self) -> None:
+        self.feed(1)
+        self.clock.advance(0.02)
+        self.feed(3)  # a stall upstream: three frames at once, then paced again
+        for _ in range(200):
+            self.clock.advance(0.02)
+            self.feed(1)
+        self.assertLessEqual(self.call.queued_frames, 1)
+        self.assertEqual(self.call.trimmed_frames, 2)
+        audio = [f for f in self.leg.out if f != SILENCE]
+        self.assertEqual(audio, [frame(i) for i in range(1, 1 + len(audio))])  # none dropped
+        self.assertEqual(len(audio) + self.call.queued_frames, self.n - 1)
+
+    def test_bursty_input_is_not_trimmed(self) -> None:
+        for _ in range(40):  # 5 frames every 100 ms for 4 s
+            self.feed(5)
+            self.clock.pump([0.02] * 5)
+        self.assertEqual(self.call.trimmed_frames, 0)
+        self.assertEqual(self.call.frames_out, 200)
+
+    def test_assistants_that_send_ahead_are_not_trimmed(self) -> None:
+        self.call.trim_backlog = False
+        self.feed(250)
+        self.clock.pump([0.02] * 200)
+        self.assertEqual(self.call.frames_out, 200)
+        self.assertEqual(self.call.trimmed_frames, 0)

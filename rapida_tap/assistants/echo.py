@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class EchoSession:
     def __init__(self, call: Call) -> None:
         self._call = call
+        call.trim_backlog = True  # input comes at the rate it is played: keep latency flat
         self.digits: list[str] = []
 
     def audio_received(self, pcm: bytes) -> None:

@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.interfaces import IAssistantSession, ICallLeg
     from rapida_tap.media.pacer import Pacer
 
+TRIM_WINDOW = 50  # ticks (1 s) a backlog must stand before real-time audio is caught up
+
 # End reasons: the first word of every "call ended" log line and a metrics label.
 CALLER_HANGUP = "caller-hangup"
 ASSISTANT_HANGUP = "assistant-hangup"
@@ -73,6 +75,10 @@ class Call:
         self.underruns = 0
         self.overflow_frames = 0
         self._lead = int(getattr(leg, "lead_frames", 0))
+        self.trim_backlog = False  # set by real-time sources (echo): see _backlog_standing
+        self._backlog_min = 0
+        self._backlog_ticks = 0
+        self.trimmed_frames = 0
         self._idle_timeout = idle_timeout
         self._idle_seen = (0, 0)
         self._idle_since = self.started_at
@@ -189,6 +195,8 @@ class Call:
                 for _ in range(min(self._lead, len(queue) - 1)):
                     self._write(queue.popleft())
             self._write(queue.popleft())
+            if self.trim_backlog and self._backlog_standing(len(queue)):
+                catch_up = True
             if catch_up and queue:
                 self._write(queue.popleft())
             if self._marks:
@@ -200,9 +208,30 @@ class Call:
                 self._settle_marks()
         else:
             self.silence_out += 1
+            self._backlog_min = 0
             self._gap_open = self._playing
             self._playing = False
             self.leg.send_silence()
+
+    def _backlog_standing(self, backlog: int) -> bool:
+        """For real-time sources: has a backlog stood for a whole trim window?
+
+        Echo input arrives at exactly the rate it is played, so frames queued by a stall of the
+        input (or of the reactor) would add their delay to the rest of the call.  When at least
+        one frame has been waiting at every tick for ``TRIM_WINDOW`` ticks, one extra frame goes
+        out: the latency comes back at one frame per window, and nothing is dropped.  Bursty
+        input drains to zero between bursts, so it never triggers this.
+        """
+        self._backlog_min = min(self._backlog_min, backlog)
+        self._backlog_ticks += 1
+        if self._backlog_ticks < TRIM_WINDOW:
+            return False
+        standing = self._backlog_min >= 1
+        self._backlog_ticks = 0
+        self._backlog_min = backlog - 1 if standing else backlog
+        if standing:
+            self.trimmed_frames += 1
+        return standing
 
     def _write(self, frame: bytes) -> None:
         self._sent += 1
