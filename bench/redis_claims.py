@@ -1,6 +1,6 @@
 """Claims per second and claim latency of RedisContextStore against a local redis-server.
 
-    PYTHONPATH=. /work/venv/bin/python bench/redis_claims.py [N] [CONCURRENCY]
+    .venv/bin/python bench/redis_claims.py [N] [CONCURRENCY]
 
 Starts a private redis-server (tests/redis_server.py), mints N contexts, then claims them:
 once one at a time (latency: p50/p99 of each claim's round trip, ms) and once with
