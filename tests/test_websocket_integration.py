@@ -364,8 +364,10 @@ class WebSocketTest(unittest.TestCase):
             400,
             "wrong-subprotocol",
         )
-        # Garbage (here the start of a TLS ClientHello): twisted.web answers 400 and closes.
-        yield http_refusal(b"\x16\x03\x01\x02\x00garbage\r\n\r\n", 400, None)
+        # Garbage (here the start of a TLS ClientHello): 400, closed, and a log line.
+        yield http_refusal(
+            b"\x16\x03\x01\x02\x00garbage\r\n\r\n", 400, "malformed request refused with 400"
+        )
         yield http_refusal(
             f"GET /v1/talk/asterisk/ctx?ctx={ctx} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
             426,

@@ -10,6 +10,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from rapida_tap.media.legs import peer_text
 from rapida_tap.web.registration import close_after
 
 SECRET_PARAMS = frozenset({"x-api-key", "api_key", "apikey", "key", "token"})
@@ -99,8 +100,28 @@ class QuietRequest(Request):
         self.finish()
 
 
+class LoggingHTTPChannel(http.HTTPChannel):
+    """An HTTP channel that says in the log when it refuses a request it cannot even parse
+    (garbage, a TLS hello on the plain port): twisted.web answers 400 silently."""
+
+    log = Logger()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.log.warn(
+            "http {peer}: malformed request refused with 400 (not HTTP, or a TLS client on "
+            "the plain port?)",
+            peer=peer_text(self.transport),
+        )
+        super()._respondToBadRequestAndDisconnect()
+
+
+def _channel() -> http._GenericHTTPChannelProtocol:
+    return http._GenericHTTPChannelProtocol(LoggingHTTPChannel())
+
+
 def make_site(root: Resource, *, timeout: float = 30.0) -> Site:
     site = Site(root, logFormatter=redacted_log_formatter, timeout=timeout)
     site.requestFactory = QuietRequest
+    site.protocol = _channel  # type: ignore[assignment]
     site.displayTracebacks = False
     return site
