@@ -205,6 +205,7 @@ class Daemon:
         self.websocket = MediaWebSocketFactory(
             self.bridge,
             handshake_timeout=settings.ws_handshake_timeout,
+            stall_timeout=settings.stall_timeout,
             start_timeout=settings.ws_start_timeout,
             ping_interval=settings.ws_ping_interval,
             max_message=settings.ws_max_message,

@@ -389,6 +389,27 @@ def test_pings_keep_a_quiet_call_and_a_vanished_peer_ends_it() -> None:
     assert "not even a pong, for 10s" in call.end_detail
 
 
+def test_peer_that_stops_reading_is_hung_up() -> None:
+    leg = Leg(stall_timeout=5)
+    call = leg.start()
+    leg.transport.producer.pauseProducing()  # the kernel buffer towards Asterisk is full
+    leg.clock.advance(4.9)
+    assert not call.is_ended
+    leg.clock.advance(0.2)
+    assert call.end_reason == "peer-not-reading"
+    assert "write buffer full for 5s" in call.end_detail
+
+
+def test_peer_that_reads_again_in_time_keeps_the_call() -> None:
+    leg = Leg(stall_timeout=5)
+    call = leg.start()
+    leg.transport.producer.pauseProducing()
+    leg.clock.advance(3)
+    leg.transport.producer.resumeProducing()
+    leg.clock.advance(10)
+    assert not call.is_ended
+
+
 def test_ping_off() -> None:
     leg = Leg(ping_interval=0)
     call = leg.start()

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import interfaces
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -151,6 +152,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self._timer: IDelayedCall | None = None
         self._ping_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
+        self._stall_timer: IDelayedCall | None = None
         self._heard = False
         self._counted = False
         self._error_code = CLOSE_PROTOCOL_ERROR
@@ -213,11 +215,43 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         raise ConnectionDeny(status, f"{why}: {detail}")
 
     def onOpen(self) -> None:
+        self._watch_writes()
         self._cancel_timer()
         self.phase = State.AWAIT_START
         self._timer = self.clock.callLater(self.factory.start_timeout, self._no_media_start)
         if self.factory.ping_interval > 0:
             self._ping_timer = self.clock.callLater(self.factory.ping_interval, self._keepalive)
+
+    def _watch_writes(self) -> None:
+        """Become the transport's producer, so a peer that stops reading is noticed.
+
+        twisted.web's channel registered itself before the upgrade; after it the connection
+        is ours, and its pause/resume must reach the call (``stall_timeout``).
+        """
+        transport: Any = self.transport  # TCP, or TLS over TCP: both take producers
+        try:
+            transport.unregisterProducer()
+            transport.registerProducer(_StallWatch(self), True)
+        except (AttributeError, RuntimeError):  # a transport without producers
+            return
+
+    def _writes_paused(self) -> None:
+        if self._stall_timer is None and self.phase is not State.CLOSED:
+            self._stall_timer = self.clock.callLater(self.factory.stall_timeout, self._stalled)
+
+    def _writes_resumed(self) -> None:
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        detail = f"write buffer full for {self.factory.stall_timeout:g}s"
+        if self.call is not None:
+            self.call.end(reasons.PEER_NOT_READING, detail)
+        else:
+            self._count_refusal("peer-not-reading", detail)
+            self._abort()
 
     # -- messages from Asterisk -----------------------------------------------------------
 
@@ -580,9 +614,27 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
 
     def _cancel_timers(self) -> None:
         self._cancel_timer()
+        self._writes_resumed()
         if self._ping_timer is not None and self._ping_timer.active():
             self._ping_timer.cancel()
         self._ping_timer = None
+
+
+@implementer(interfaces.IPushProducer)
+class _StallWatch:
+    """The transport's producer for one session: buffer full / drained / gone."""
+
+    def __init__(self, leg: MediaWebSocketProtocol) -> None:
+        self._leg = leg
+
+    def pauseProducing(self) -> None:
+        self._leg._writes_paused()
+
+    def resumeProducing(self) -> None:
+        self._leg._writes_resumed()
+
+    def stopProducing(self) -> None:
+        self._leg._writes_resumed()
 
 
 class MediaWebSocketFactory(WebSocketServerFactory):
@@ -604,6 +656,7 @@ class MediaWebSocketFactory(WebSocketServerFactory):
         handshake_timeout: float = 10.0,
         start_timeout: float = 5.0,
         close_timeout: float = 2.0,
+        stall_timeout: float = 5.0,
         ping_interval: float = 10.0,
         max_message: int = 65536,
         max_text: int = control.MAX_EVENT_LENGTH,
@@ -617,6 +670,7 @@ class MediaWebSocketFactory(WebSocketServerFactory):
         self.handshake_timeout = handshake_timeout
         self.start_timeout = start_timeout
         self.close_timeout = close_timeout
+        self.stall_timeout = stall_timeout
         self.ping_interval = ping_interval
         self.max_text = max_text
         self.max_connections = max_connections
