@@ -302,4 +302,3 @@ class MakeServiceTests(unittest.TestCase):
         )
         self.assertRaises(CannotListenError, top.startService)
         return top.stopService()
-
