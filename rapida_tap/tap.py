@@ -224,10 +224,11 @@ class NodeService(service.MultiService):
     stop, and the context store closes last.
     """
 
-    def __init__(self, drain: Drain, store: ContextStoreService) -> None:
+    def __init__(self, drain: Drain, store: ContextStoreService, reactor: Any = None) -> None:
         super().__init__()
         self.drain = drain
         self.store = store
+        self.reactor = reactor
 
     def startService(self) -> None:
         self.store.startService()
@@ -235,9 +236,20 @@ class NodeService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain.start("stopping")
+        d.addCallback(self._drained)
         d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(lambda result: self.store.stopService())
         return d.addCallback(lambda _: None)
+
+    def _drained(self, _: None) -> None:
+        """SIGTERM was handled in full (drained): exit 0, not by the signal.
+
+        twistd re-raises the signal that stopped the reactor once it returns (status 143);
+        after a completed drain that signal was a request served, so the daemon exits 0 as
+        documented (systemd counts both as a clean stop).
+        """
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
 
 class OutboundService(service.Service):
@@ -349,7 +361,7 @@ class Daemon:
         )
 
     def service(self) -> NodeService:
-        top = NodeService(self.drain, ContextStoreService(self.contexts))
+        top = NodeService(self.drain, ContextStoreService(self.contexts), self.reactor)
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)
         if self.settings.audiosocket:
