@@ -238,8 +238,12 @@ class NodeService(service.MultiService):
         d = self.drain.start("stopping")
         d.addCallback(self._drained)
         d.addCallback(lambda _: service.MultiService.stopService(self))
-        d.addBoth(lambda result: self.store.stopService())
+        d.addBoth(self._close_store)
         return d.addCallback(lambda _: None)
+
+    def _close_store(self, result: Any) -> Any:
+        """Close the store whatever happened before, then pass the outcome on."""
+        return defer.maybeDeferred(self.store.stopService).addCallback(lambda _: result)
 
     def _drained(self, _: None) -> None:
         """SIGTERM was handled in full (drained): exit 0, not by the signal.
