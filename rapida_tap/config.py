@@ -49,6 +49,10 @@ class Settings:
     ws_lead_frames: int = 3
     ring_timeout: float = 120.0
     ring_check_interval: float = 5.0
+    # operations (docs/operations.md)
+    drain_timeout: float = 30.0  # seconds live calls may run on after SIGTERM / POST /admin/drain
+    metrics: str = ""  # endpoint of its own for /metrics; "" = /metrics on the HTTP site
+    api_keys_file: str = ""  # one key a line, e.g. a systemd credential: %d/api-keys
     assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     api_key_generated: bool = False
@@ -79,6 +83,9 @@ SCALARS: dict[str, type] = {
     "ws_lead_frames": int,
     "ring_timeout": float,
     "ring_check_interval": float,
+    "drain_timeout": float,
+    "metrics": str,
+    "api_keys_file": str,
 }
 TABLES = ("assistants", "providers")
 ENV_PREFIX = "RAPIDA_"
@@ -127,11 +134,33 @@ def build_settings(
             setattr(settings, key, _coerce(key, value, source="--" + key.replace("_", "-")))
     if cli_api_keys:
         settings.api_keys = list(cli_api_keys)
+    if settings.api_keys_file:
+        settings.api_keys = settings.api_keys + read_api_keys_file(settings.api_keys_file)
     validate(settings)
     from rapida_tap.assistants.config import parse_assistants  # it imports ConfigError
 
     parse_assistants(settings.assistants, settings.assistant, environ)
     return settings
+
+
+def read_api_keys_file(path: str) -> list[str]:
+    """The keys in ``path``: one a line; blank lines and ``#`` comments are ignored.
+
+    Meant for a systemd credential (``LoadCredential=api-keys:/etc/rapida-asterisk/api-keys``
+    and ``--api-keys-file=%d/api-keys``), so keys are in neither the unit nor the environment.
+    The keys add to any given otherwise.  A file without a key is an error, not an open door.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"api_keys_file: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"api_keys_file: {path} is not UTF-8 text") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"api_keys_file: {path} holds no key")
+    return keys
 
 
 def _coerce(key: str, value: Any, source: str | None = None) -> Any:
@@ -174,6 +203,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("ws_lead_frames: must be between 0 and 50 frames")
     if s.idle_timeout < 0:
         raise ConfigError("idle_timeout: must be 0 (off) or more seconds")
+    if s.drain_timeout < 0:
+        raise ConfigError("drain_timeout: must be 0 (end calls at once) or more seconds")
     if s.ring_check_interval < 0:
         raise ConfigError("ring_check_interval: must be 0 (off) or more seconds")
     for key in ("rate_burst", "max_connections"):
@@ -186,8 +217,15 @@ def validate(s: Settings) -> None:
             raise ConfigError(
                 "api_keys: each key must be 8 to 256 printable characters without spaces"
             )
-    if s.contexts != "memory" and not s.contexts.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"--contexts: {s.contexts!r} is neither 'memory' nor a redis:// URL")
+    if s.contexts != "memory":
+        from rapida_tap.redis_store import RedisURLError, parse_redis_url
+
+        if not s.contexts.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"--contexts: {s.contexts!r} is neither 'memory' nor a redis:// URL")
+        try:
+            parse_redis_url(s.contexts)
+        except RedisURLError as e:
+            raise ConfigError(f"--contexts: {e}") from None
     if s.assistant not in ("", "echo") and not s.assistant.startswith(("ws://", "wss://")):
         raise ConfigError(
             f"--assistant: {s.assistant!r} is neither 'echo' nor a ws:// or wss:// URL"

@@ -6,15 +6,16 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application import service, strports
-from twisted.internet import endpoints
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from rapida_tap import __version__, tls
 from rapida_tap.assistants.config import build_registry, parse_assistants
@@ -23,11 +24,15 @@ from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import ConfigError, Settings, build_settings, load_toml
 from rapida_tap.contexts import MemoryContextStore
 from rapida_tap.dialplan import audiosocket_dialplan
+from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import SHUTDOWN
+from rapida_tap.metrics import NodeCollector, NodeMetrics
 from rapida_tap.outbound import OutboundCalls, parse_providers
 from rapida_tap.ratelimit import RateLimiter
+from rapida_tap.redis_store import RedisContextStore, RedisURLError
+from rapida_tap.web.admin import DrainResource
 from rapida_tap.web.auth import ApiKeys, generate_api_key
 from rapida_tap.web.calls import CallsResource
 from rapida_tap.web.health import HealthResource
@@ -74,6 +79,25 @@ class Options(usage.Options):
             None,
             "The URL Asterisk reaches this node at (for printed dialplans).",
         ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "Seconds live calls may go on after SIGTERM or POST /admin/drain [default: 30].",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics on this endpoint only (e.g. tcp:9464:interface=127.0.0.1)"
+            " [default: /metrics on the HTTP listener].",
+        ],
+        [
+            "api-keys-file",
+            None,
+            None,
+            "File of API keys, one a line (e.g. the systemd credential %d/api-keys).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -101,30 +125,60 @@ def load_settings(options: usage.Options, environ: Any) -> Settings:
     file_values = load_toml(options["config"]) if options["config"] else {}
     cli = {
         key.replace("-", "_"): options[key]
-        for key in ("audiosocket", "http", "https", "assistant", "contexts", "public-url")
+        for key in (
+            "audiosocket",
+            "http",
+            "https",
+            "assistant",
+            "contexts",
+            "public-url",
+            "drain-timeout",
+            "metrics",
+            "api-keys-file",
+        )
     }
     settings = build_settings(file_values, environ, cli, options["api_keys"])
     from twisted.internet import reactor
 
     if settings.https:
         tls.TlsServerContext(tls.parse_tls_endpoint(settings.https))  # fails early and clearly
-    for name in ("audiosocket", "http"):
+    for name in ("audiosocket", "http", "metrics"):
         value = getattr(settings, name)
         if value:
-            try:
-                endpoints.serverFromString(reactor, value)
-            except Exception as e:
-                raise ConfigError(f"--{name}: {value!r}: {e}") from None
+            check_endpoint(reactor, name, value)
     if not settings.api_keys:
         settings.api_keys = [generate_api_key()]
         settings.api_key_generated = True
     return settings
 
 
-def make_context_store(settings: Settings, clock: IReactorTime) -> IContextStore:
+def check_endpoint(reactor: Any, name: str, value: str) -> None:
+    """Parse a listener's endpoint string now, so a typo fails start-up with one line.
+
+    ``systemd:`` endpoints are looked up in the sockets systemd passed (``LISTEN_FDS``), so a
+    missing or misnamed socket unit is reported here rather than as a bare ``KeyError``.
+    """
+    try:
+        endpoints.serverFromString(reactor, value)
+    except (IndexError, KeyError) as e:
+        if value.startswith("systemd:"):
+            raise ConfigError(
+                f"--{name}: {value!r}: systemd passed no such socket ({e}); is the .socket unit "
+                "running, and do its FileDescriptorName= values match?"
+            ) from None
+        raise ConfigError(f"--{name}: {value!r}: {e}") from None
+    except Exception as e:
+        raise ConfigError(f"--{name}: {value!r}: {e}") from None
+
+
+def make_context_store(settings: Settings, reactor: Any) -> IContextStore:
+    """The memory store, or Redis for ``redis://`` (started and stopped by ``NodeService``)."""
     if settings.contexts == "memory":
-        return MemoryContextStore(clock)
-    raise ConfigError(f"--contexts: {settings.contexts!r}: this build has no Redis store")
+        return MemoryContextStore(reactor)
+    try:
+        return RedisContextStore(reactor, settings.contexts)
+    except RedisURLError as e:
+        raise ConfigError(f"--contexts: {e}") from None
 
 
 def make_assistants(settings: Settings, reactor: Any) -> AssistantRegistry:
@@ -133,7 +187,7 @@ def make_assistants(settings: Settings, reactor: Any) -> AssistantRegistry:
 
 
 class BridgeService(service.Service):
-    """Stops taking calls and ends the live ones when the daemon stops."""
+    """Stops taking calls and ends the live ones (none are left after a drain)."""
 
     def __init__(self, bridge: MediaBridge) -> None:
         self.bridge = bridge
@@ -143,9 +197,63 @@ class BridgeService(service.Service):
         self.bridge.accepting = False
         self.bridge.end_all(SHUTDOWN)
         self.bridge.pacer.stop()
-        close = getattr(self.bridge.contexts, "close", None)
-        if close is not None:
-            return close()
+
+
+class ContextStoreService(service.Service):
+    """Connects the Redis store at start; closes any store (memory timers, Redis) at stop."""
+
+    def __init__(self, store: IContextStore) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        start = getattr(self.store, "start", None)
+        if start is not None:
+            start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        stop = getattr(self.store, "stop", None) or getattr(self.store, "close", None)
+        return defer.maybeDeferred(stop) if stop is not None else None
+
+
+class NodeService(service.MultiService):
+    """The whole node.  Stopping it (twistd runs ``stopService`` on SIGTERM, as a "before
+    shutdown" trigger whose Deferred the reactor waits for) drains first: no new calls, live
+    calls finish within ``drain_timeout``, then the listeners, the outbound calls and the bridge
+    stop, and the context store closes last.
+    """
+
+    def __init__(self, drain: Drain, store: ContextStoreService, reactor: Any = None) -> None:
+        super().__init__()
+        self.drain = drain
+        self.store = store
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        self.store.startService()
+        super().startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        d = self.drain.start("stopping")
+        d.addCallback(self._drained)
+        d.addCallback(lambda _: service.MultiService.stopService(self))
+        d.addBoth(self._close_store)
+        return d.addCallback(lambda _: None)
+
+    def _close_store(self, result: Any) -> Any:
+        """Close the store whatever happened before, then pass the outcome on."""
+        return defer.maybeDeferred(self.store.stopService).addCallback(lambda _: result)
+
+    def _drained(self, _: None) -> None:
+        """SIGTERM was handled in full (drained): exit 0, not by the signal.
+
+        twistd re-raises the signal that stopped the reactor once it returns (status 143);
+        after a completed drain that signal was a request served, so the daemon exits 0 as
+        documented (systemd counts both as a clean stop).
+        """
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
 
 class OutboundService(service.Service):
@@ -165,13 +273,15 @@ class OutboundService(service.Service):
 class Daemon:
     """Everything one node runs, built from settings; tests build it with their own reactor."""
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(
+        self, settings: Settings, reactor: Any, on_drained: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
         self.reactor = reactor
         self.contexts = make_context_store(settings, reactor)
         self.bridge = MediaBridge(
             clock=reactor,
-            contexts=self.contexts,
+            contexts=self.contexts,  # timed for metrics below
             assistants=make_assistants(settings, reactor),
             idle_timeout=settings.idle_timeout,
         )
@@ -196,7 +306,14 @@ class Daemon:
             ring_timeout=settings.ring_timeout,
             check_interval=settings.ring_check_interval,
         )
+        self.drain = Drain(self.bridge, reactor, settings.drain_timeout)
         self.health = HealthResource(self.bridge)
+        self.health.checks["drain"] = self._drain_check
+        store_healthy: Callable[[], bool] | None = None
+        if isinstance(self.contexts, RedisContextStore):
+            store = self.contexts
+            self.health.checks["contexts"] = lambda: (store.healthy, store.last_error)
+            store_healthy = lambda: store.healthy  # noqa: E731
         self.root = PathTree()
         self.root.putChild(b"", Banner())
         mount(self.root, "v1/talk/asterisk/call", self.registration)
@@ -214,14 +331,42 @@ class Daemon:
             lead_frames=settings.ws_lead_frames,
         )
         mount(self.root, "v1/talk/asterisk/ctx", MediaWebSocketResource(self.websocket))
+        mount(self.root, "admin/drain", DrainResource(self.drain, self.keys, on_drained))
+        self.metrics = NodeMetrics(self.bridge)
+        self.bridge.contexts = self.metrics.timed_store(self.contexts, reactor)
+        self.metrics.add(
+            NodeCollector(
+                self.bridge,
+                replies=self.registration.replies,
+                transports={"audiosocket": self.audiosocket, "websocket": self.websocket},
+                store_healthy=store_healthy,
+            )
+        )
+        self.metrics_site: Site | None = None
+        if settings.metrics:
+            metrics_root = PathTree()
+            mount(metrics_root, "metrics", self.metrics.resource())
+            self.metrics_site = make_site(metrics_root)
+        else:
+            mount(self.root, "metrics", self.metrics.resource())
         self.tls: tls.TlsServerContext | None = None
         if settings.https:
             self.tls_spec = tls.parse_tls_endpoint(settings.https)
             self.tls = tls.TlsServerContext(self.tls_spec)
         self.site = make_site(self.root)
 
-    def service(self) -> service.MultiService:
-        top = service.MultiService()
+    def _drain_check(self) -> tuple[bool, str]:
+        if self.drain.state is DrainState.SERVING:
+            return True, ""
+        if self.drain.state is DrainState.DRAINED:
+            return False, "drained"
+        return False, (
+            f"draining: {len(self.bridge.calls)} call(s) left, "
+            f"{self.drain.remaining:.0f} s until they are ended"
+        )
+
+    def service(self) -> NodeService:
+        top = NodeService(self.drain, ContextStoreService(self.contexts), self.reactor)
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)
         if self.settings.audiosocket:
@@ -234,6 +379,10 @@ class Daemon:
             )
         if self.tls is not None:
             tls.TlsListener(self.reactor, self.tls_spec, self.tls, self.site).setServiceParent(top)
+        if self.metrics_site is not None:
+            strports.service(
+                self.settings.metrics, self.metrics_site, reactor=self.reactor
+            ).setServiceParent(top)
         return top
 
 
@@ -267,13 +416,16 @@ def this_host() -> str:
 def log_start(settings: Settings) -> None:
     log.info(
         "rapida-asterisk {version}: audiosocket={audiosocket} http={http} https={https} "
-        "assistant={assistant} contexts={contexts}",
+        "assistant={assistant} contexts={contexts} metrics={metrics} "
+        "drain_timeout={drain_timeout:g}s",
         version=__version__,
         audiosocket=settings.audiosocket or "off",
         http=settings.http or "off",
         https=settings.https or "off",
         assistant=parse_assistants(settings.assistants, settings.assistant, os.environ).describe(),
         contexts=settings.contexts.split("@")[-1],
+        metrics=settings.metrics or "/metrics on http",
+        drain_timeout=settings.drain_timeout,
     )
     if not settings.api_key_generated:
         return
@@ -304,7 +456,7 @@ def makeService(options: Options) -> service.MultiService:
     settings = options.settings
     assert settings is not None
     try:
-        daemon = Daemon(settings, reactor)
+        daemon = Daemon(settings, reactor, on_drained=reactor.stop)
     except ConfigError as e:
         raise SystemExit(f"rapida-asterisk: {e}") from None
     log_start(settings)

@@ -14,7 +14,7 @@ from twisted.logger import globalLogPublisher
 
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, Kind, encode_frame
 from rapida_tap.config import Settings
-from rapida_tap.tap import Daemon
+from rapida_tap.tap import ContextStoreService, Daemon
 
 API_KEY = "test-key-0123456789"
 
@@ -24,21 +24,26 @@ def start_daemon(testcase: Any, **overrides: Any) -> Daemon:
     ``.http_port``); everything is stopped at the end of ``testcase``."""
     settings = Settings(api_keys=[API_KEY], **overrides)
     daemon = Daemon(settings, reactor)
+    store = ContextStoreService(daemon.contexts)
+    store.startService()  # connects a Redis store
     as_port: IListeningPort = reactor.listenTCP(0, daemon.audiosocket, interface="127.0.0.1")
     http_port: IListeningPort = reactor.listenTCP(0, daemon.site, interface="127.0.0.1")
     daemon.as_port = as_port.getHost().port  # type: ignore[attr-defined]
     daemon.http_port = http_port.getHost().port  # type: ignore[attr-defined]
 
-    def stop() -> defer.Deferred[Any]:
+    @defer.inlineCallbacks
+    def stop() -> Any:
+        daemon.drain.stop()
         daemon.bridge.end_all("test-over")
         daemon.bridge.pacer.stop()
-        daemon.contexts.close()  # type: ignore[attr-defined]
-        return defer.gatherResults(
+        yield daemon.outbound.stop()
+        yield defer.gatherResults(
             [
                 defer.maybeDeferred(as_port.stopListening),
                 defer.maybeDeferred(http_port.stopListening),
             ]
         )
+        yield store.stopService()
 
     testcase.addCleanup(stop)
     return daemon

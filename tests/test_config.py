@@ -101,7 +101,7 @@ def test_repeated_command_line_keys_all_count() -> None:
 
 
 def test_redis_and_websocket_urls_are_accepted() -> None:
-    for contexts in ["redis://localhost:6379/0", "rediss://:pw@redis.example.com:6380/1"]:
+    for contexts in ["redis://localhost:6379/0", "redis://:pw@redis.example.com:6380/1"]:
         assert build(cli={"contexts": contexts}).contexts == contexts
     for assistant in ["ws://127.0.0.1:9000/bot", "wss://bot.example.com/x"]:
         assert build(cli={"assistant": assistant}).assistant == assistant

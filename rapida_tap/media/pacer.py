@@ -8,6 +8,7 @@ calls and keeps every call on the same grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -53,7 +54,7 @@ class Pacer:
         self.ticks = 0
         self.skipped_ticks = 0
         self.late_ticks = 0
-        self.lateness_observer = None  # callable(seconds) for metrics, optional
+        self.lateness_observer: Callable[[float], None] | None = None  # seconds, for metrics
 
     def __len__(self) -> int:
         return len(self._streams)
