@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from bench import server as servers
-from bench.client import PATTERNS
+from bench.client import AUDIOSOCKET, PATTERNS, TRANSPORTS, WSS
 from bench.load import LoadConfig, py_spy, run_load, run_registrations_load
 from bench.stats import BAR_INTERVAL_P99_MS, format_table
 
@@ -26,6 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hold", type=float, default=10.0, help="measurement window, s [10]")
     p.add_argument("--ramp", type=float, default=200.0, help="calls started per second [200]")
     p.add_argument("--pattern", choices=PATTERNS, default="paced", help="input pattern [paced]")
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default=AUDIOSOCKET,
+        help="audiosocket, websocket (ws://) or wss (wss://, a lab certificate) [audiosocket]",
+    )
     p.add_argument("--burst", type=int, default=5, help="frames per burst (bursty) [5]")
     p.add_argument("--jitter-ms", type=float, default=10.0, help="max jitter (jittered) [10]")
     p.add_argument("--workers", type=int, default=2, help="client processes [2]")
@@ -63,6 +69,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.mode == "compare" and not args.peer:
         parser.error("compare needs --peer 'COMMAND {port}'")
+    if getattr(args, "peer", None) and args.transport != AUDIOSOCKET:
+        parser.error("--peer servers speak AudioSocket only: --transport audiosocket")
     return args
 
 
@@ -76,13 +84,14 @@ def _config(args: argparse.Namespace, calls: int) -> LoadConfig:
         jitter_ms=args.jitter_ms,
         workers=args.workers,
         noise_probe=args.noise_probe,
+        transport=args.transport,
     )
 
 
 def _start(args: argparse.Namespace, peer: str | None) -> servers.Server:
     if peer:
         return servers.start_peer(peer, args.core)
-    return servers.start_daemon(args.core)
+    return servers.start_daemon(args.core, tls=args.transport == WSS)
 
 
 def one_run(args: argparse.Namespace, calls: int, peer: str | None = None) -> dict[str, Any]:
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         _emit(columns, args.json)
         return 0
     metrics = one_run(args, args.calls, args.peer)
-    print(f"{args.calls} calls, {args.pattern}, hold {args.hold:g} s, {pinned}")
+    print(f"{args.calls} calls, {args.transport}, {args.pattern}, hold {args.hold:g} s, {pinned}")
     print(format_table({metrics["server"]: metrics}))
     if metrics["errors"]:
         print(f"errors: {metrics['errors']}")

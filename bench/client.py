@@ -1,11 +1,18 @@
-"""One load-generating client process: many AudioSocket calls on one epoll loop.
+"""One load-generating client process: many AudioSocket or chan_websocket calls on one epoll loop.
 
 A process runs its share of the calls as plain non-blocking sockets (no framework, so the
 client stays cheap and its own CPU is easy to report): per call, register over HTTP exactly as
-Asterisk's ``CURL()`` does, connect AudioSocket, send the UUID frame, then numbered tone frames
+Asterisk's ``CURL()`` does, then
+
+* ``audiosocket``: connect AudioSocket, send the UUID frame, then numbered PCM tone frames;
+* ``websocket`` / ``wss``: connect to ``/v1/talk/asterisk/ctx?ctx=<id>`` (TLS through an
+  ``ssl.SSLObject`` over memory BIOs for wss, the lab certificate not verified), upgrade with
+  subprotocol ``media``, send a JSON ``MEDIA_START`` carrying ``__RAPIDA_CONTEXT_ID``, then
+  numbered μ-law tone frames as masked binary messages, answering pings;
+
 on the chosen pattern until ``stop_at``; read everything the server returns, drain for
-``drain`` seconds, hang up by closing.  `run_worker` is the entry point given to
-``multiprocessing``; it returns a plain picklable dict.
+``drain`` seconds, hang up (a close frame first on WebSocket, as Asterisk does), close.
+`run_worker` is the entry point given to ``multiprocessing``; it returns a picklable dict.
 """
 
 from __future__ import annotations
@@ -17,13 +24,15 @@ import os
 import random
 import select
 import socket
+import ssl
 import time
 import uuid
 from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from bench.frames import FRAME_SECONDS, audio_frame, identify
+from bench import ws
+from bench.frames import FRAME_SECONDS, ULAW_BYTES, audio_frame, identify, identify_ulaw
 from bench.stats import EchoTracker
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, FrameError, Kind, encode_frame
 
@@ -31,9 +40,14 @@ PACED = "paced"
 BURSTY = "bursty"
 JITTERED = "jittered"
 PATTERNS = (PACED, BURSTY, JITTERED)
+AUDIOSOCKET = "audiosocket"
+WEBSOCKET = "websocket"
+WSS = "wss"
+TRANSPORTS = (AUDIOSOCKET, WEBSOCKET, WSS)
 
 # Call states.
 _REG_CONNECT, _REG_READ, _AS_CONNECT, _IN_CALL, _DONE, _FAILED = range(6)
+_WS_CONNECT, _TLS_HANDSHAKE, _WS_UPGRADE = range(6, 9)
 _SLIN8 = int(Kind.SLIN_8K)
 _HANGUP = int(Kind.HANGUP)
 _EARLY = 0.0005  # seconds: write a frame this much before it is due rather than spin
@@ -57,10 +71,16 @@ class WorkerPlan:
     drain: float = 2.0  # after stop_at, read until everything is back or this long
     cpu: int | None = None  # pin this process to that CPU
     seed: int = 0
+    transport: str = AUDIOSOCKET
+    ws_port: int | None = None  # the chan_websocket endpoint (websocket/wss)
+    lead: int = 3  # the daemon's ws_lead_frames (for the interval statistics)
 
 
 class _Call:
     __slots__ = (
+        "bio_in",
+        "bio_out",
+        "ctx",
         "decoder",
         "due_base",
         "error",
@@ -72,7 +92,9 @@ class _Call:
         "sock",
         "start",
         "state",
+        "tls",
         "tracker",
+        "ws",
     )
 
     def __init__(self, index: int, start: float, tracker: EchoTracker) -> None:
@@ -88,6 +110,11 @@ class _Call:
         self.decoder = AudioSocketDecoder(max_audio_payload=65535)
         self.next_frame = 1
         self.due_base = 0.0
+        self.ctx = ""
+        self.ws = ws.ServerFrames()
+        self.tls: ssl.SSLObject | None = None
+        self.bio_in: ssl.MemoryBIO | None = None
+        self.bio_out: ssl.MemoryBIO | None = None
 
 
 def registration_request(assistant: str, caller: str, api_key: str) -> bytes:
@@ -110,6 +137,8 @@ def parse_reply(data: bytes) -> tuple[int, bytes]:
 
 def run_worker(plan: WorkerPlan) -> dict[str, Any]:
     """Run the plan to the end and return its raw results (see `bench.load.summarize`)."""
+    if plan.transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, not {plan.transport!r}")
     if plan.cpu is not None:
         os.sched_setaffinity(0, {plan.cpu})
     rng = random.Random(plan.seed)
@@ -129,6 +158,14 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
     blocked = 0
     period = FRAME_SECONDS * (plan.burst if plan.pattern == BURSTY else 1)
     uuid_rng = random.Random(plan.seed ^ 0x5EED)
+    websocket = plan.transport != AUDIOSOCKET
+    frame_of = ws.audio_frame if websocket else audio_frame
+    tls_context = None
+    if plan.transport == WSS:
+        tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls_context.check_hostname = False
+        tls_context.verify_mode = ssl.CERT_NONE  # the bench's own lab certificate
+    host = f"127.0.0.1:{plan.ws_port}"
 
     def close(call: _Call) -> None:
         sock = call.sock
@@ -187,43 +224,156 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
             return
         call.out = data[sent:]
 
+    def send(call: _Call, data: bytes) -> None:
+        """Application bytes: through TLS first on wss."""
+        tls = call.tls
+        if tls is None:
+            write(call, data)
+            return
+        assert call.bio_out is not None
+        tls.write(data)
+        write(call, call.bio_out.read())
+
+    def flush_tls(call: _Call) -> None:
+        assert call.bio_out is not None
+        if call.bio_out.pending:
+            write(call, call.bio_out.read())
+
+    def start_media(call: _Call, now: float) -> None:
+        call.state = _IN_CALL
+        call.due_base = now
+        call.next_frame = 1
+        first = now + (plan.burst - 1) * FRAME_SECONDS if plan.pattern == BURSTY else now
+        heapq.heappush(heap, (first, call.index - plan.first_index))
+
     def send_due(call: _Call, due: float, now: float) -> None:
         lag.append(now - due)
         k = call.next_frame
         if plan.pattern == BURSTY:
-            data = b"".join(audio_frame(k + i) for i in range(plan.burst))
+            data = b"".join(frame_of(k + i) for i in range(plan.burst))
             for _ in range(plan.burst):
                 call.tracker.sent(now)
             call.next_frame = k + plan.burst
         else:
-            data = audio_frame(k)
+            data = frame_of(k)
             call.tracker.sent(now)
             call.next_frame = k + 1
-        write(call, data)
+        send(call, data)
         if call.state == _IN_CALL:
             heapq.heappush(heap, (_due(call, plan, period, rng), call.index - plan.first_index))
+
+    def connected(call: _Call, sock: socket.socket, state: int, now: float) -> None:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            fail(call, f"connect: {errno.errorcode.get(err, err)}")
+            return
+        ep.modify(sock.fileno(), select.EPOLLIN)
+        if state == _REG_CONNECT:
+            call.state = _REG_READ
+            write(call, request_for.pop(call.index))
+        elif state == _AS_CONNECT:
+            write(call, encode_frame(Kind.UUID, call.inbox))
+            call.inbox = b""
+            start_media(call, now)
+        elif tls_context is not None:
+            call.bio_in, call.bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            call.tls = tls_context.wrap_bio(call.bio_in, call.bio_out)
+            call.state = _TLS_HANDSHAKE
+            handshake(call)
+        else:
+            call.state = _WS_UPGRADE
+            write(call, ws.upgrade_request(f"/v1/talk/asterisk/ctx?ctx={call.ctx}", host))
+
+    def handshake(call: _Call) -> bool:
+        """Drive the TLS handshake; True once it is done (the upgrade is then sent)."""
+        assert call.tls is not None
+        try:
+            call.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            flush_tls(call)
+            return False
+        except ssl.SSLError as e:
+            fail(call, f"TLS: {e.reason or e}")
+            return False
+        flush_tls(call)
+        call.state = _WS_UPGRADE
+        send(call, ws.upgrade_request(f"/v1/talk/asterisk/ctx?ctx={call.ctx}", host))
+        return True
+
+    def decrypt(call: _Call, data: bytes) -> bytes | None:
+        """The plaintext in ``data`` (b"": none yet; None: the TLS session ended or failed)."""
+        tls, bio_in = call.tls, call.bio_in
+        assert tls is not None and bio_in is not None
+        bio_in.write(data)
+        if call.state == _TLS_HANDSHAKE and not handshake(call):
+            return None if call.state == _FAILED else b""
+        chunks = []
+        while True:
+            try:
+                chunks.append(tls.read(65536))
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b"".join(chunks) or None
+            except ssl.SSLError as e:
+                call.error = f"TLS: {e.reason or e}"
+                return None
+        flush_tls(call)  # e.g. a TLS 1.3 key update
+        return b"".join(chunks)
+
+    def server_closed(call: _Call, now: float, why: str) -> None:
+        if now < plan.stop_at:
+            fail(call, call.error or why)
+        else:
+            call.state = _DONE
+            close(call)
+
+    def websocket_data(call: _Call, data: bytes, now: float) -> None:
+        if call.state == _WS_UPGRADE:
+            call.inbox += data
+            if b"\r\n\r\n" not in call.inbox:
+                return
+            head, _, data = call.inbox.partition(b"\r\n\r\n")
+            call.inbox = b""
+            try:
+                ws.check_upgrade(head)
+            except ws.HandshakeFailed as e:
+                fail(call, f"websocket: {e}")
+                return
+            send(call, ws.media_start(call.ctx, call.index))
+            start_media(call, now)
+            if not data:
+                return
+        try:
+            messages = call.ws.feed(data)
+        except ws.BadServerFrame as e:
+            fail(call, f"bad frame from server: {e}")
+            return
+        received = call.tracker.received
+        for opcode, payload in messages:
+            if opcode == ws.BINARY:
+                if len(payload) == ULAW_BYTES:
+                    received(identify_ulaw(payload), now)
+                else:  # whole frames in one message are allowed; a partial one is not
+                    for at in range(0, len(payload), ULAW_BYTES):
+                        received(identify_ulaw(payload[at : at + ULAW_BYTES]), now)
+            elif opcode == ws.PING:
+                send(call, ws.client_frame(ws.PONG, payload))
+            elif opcode == ws.CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                reason = payload[2:].decode("utf-8", "replace")
+                server_closed(call, now, f"server closed the websocket: {code} {reason}".strip())
+                return
+            elif opcode == ws.TEXT and b"HANGUP" in payload and now < plan.stop_at:
+                fail(call, "server sent HANGUP")
+                return
 
     def event(call: _Call, mask: int, now: float) -> None:
         sock = call.sock
         assert sock is not None
         state = call.state
-        if state in (_REG_CONNECT, _AS_CONNECT):
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                fail(call, f"connect: {errno.errorcode.get(err, err)}")
-                return
-            ep.modify(sock.fileno(), select.EPOLLIN)
-            if state == _REG_CONNECT:
-                call.state = _REG_READ
-                write(call, request_for.pop(call.index))
-            else:
-                call.state = _IN_CALL
-                write(call, encode_frame(Kind.UUID, call.inbox))
-                call.inbox = b""
-                call.due_base = now
-                call.next_frame = 1
-                first = now + (plan.burst - 1) * FRAME_SECONDS if plan.pattern == BURSTY else now
-                heapq.heappush(heap, (first, call.index - plan.first_index))
+        if state in (_REG_CONNECT, _AS_CONNECT, _WS_CONNECT):
+            connected(call, sock, state, now)
             return
         try:
             data = sock.recv(65536)
@@ -241,15 +391,29 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
             if status != 200 or len(body) != 36:
                 fail(call, f"registration: HTTP {status}")
                 return
-            call.inbox = uuid.UUID(body.decode("ascii")).bytes
-            connect(call, plan.as_port, _AS_CONNECT)
+            if websocket:
+                call.inbox = b""
+                call.ctx = body.decode("ascii")
+                assert plan.ws_port is not None
+                connect(call, plan.ws_port, _WS_CONNECT)
+            else:
+                call.inbox = uuid.UUID(body.decode("ascii")).bytes
+                connect(call, plan.as_port, _AS_CONNECT)
             return
         if not data:  # the server hung up
-            if now < plan.stop_at:
-                fail(call, call.error or "server closed the call")
-            else:
-                call.state = _DONE
-                close(call)
+            server_closed(call, now, "server closed the call")
+            return
+        if websocket:
+            if call.tls is not None:
+                plain = decrypt(call, data)
+                if plain is None:
+                    if call.state != _FAILED:
+                        server_closed(call, now, "server ended the TLS session")
+                    return
+                if not plain:
+                    return
+                data = plain
+            websocket_data(call, data, now)
             return
         try:
             frames = call.decoder.feed(data)
@@ -266,6 +430,15 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
                 return
             else:
                 received(-1, now)
+
+    def hang_up(call: _Call) -> None:
+        """As Asterisk does: a close frame (WebSocket), then drop TCP without waiting."""
+        if websocket and call.sock is not None and call.state == _IN_CALL:
+            try:
+                send(call, ws.close_frame(1000))
+            except (OSError, ssl.SSLError):
+                pass
+        close(call)
 
     cpu0 = time.process_time()
     wall0 = time.monotonic()
@@ -302,12 +475,12 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
                     event(ready, mask, now)
     finally:
         for call in calls:
+            hang_up(call)
             if call.state in (_IN_CALL, _DONE):
                 call.state = _DONE
             elif call.state != _FAILED:
                 call.state = _FAILED
                 call.error = call.error or "not set up before the end"
-            close(call)
         ep.close()
     cpu1 = time.process_time()
     return _results(plan, calls, intervals, latencies, early, late, lag, blocked, cpu0, cpu1, wall0)
@@ -327,7 +500,8 @@ def _tracker(
     early: array[float],
     late: array[float],
 ) -> EchoTracker:
-    return EchoTracker(plan.hold_from, plan.stop_at, intervals, latencies, early, late)
+    lead = None if plan.transport == AUDIOSOCKET else plan.lead
+    return EchoTracker(plan.hold_from, plan.stop_at, intervals, latencies, early, late, lead)
 
 
 def _due(call: _Call, plan: WorkerPlan, period: float, rng: random.Random) -> float:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench import server as servers
-from bench.client import PACED, WorkerPlan, run_worker
+from bench.client import AUDIOSOCKET, PACED, WorkerPlan, run_worker
 from bench.noise import timer_noise
 from bench.register import RegistrationPlan, run_registrations
 from bench.stats import median, meets_bar, merge, spread_ms
@@ -39,6 +39,7 @@ class LoadConfig:
     workers: int = 2  # client processes
     seed: int = 1
     noise_probe: float = 1.0  # seconds of host timer-noise probe before the run (0: none)
+    transport: str = AUDIOSOCKET  # or websocket (ws://), wss (wss://)
 
 
 def client_cores(server_core: int | None) -> list[int | None]:
@@ -74,6 +75,8 @@ def plan_workers(
                 jitter=config.jitter_ms / 1000,
                 cpu=cores[w % len(cores)],
                 seed=config.seed * 1000 + w,
+                transport=config.transport,
+                ws_port=server.ws_port,
             )
         )
     return plans, hold_from, stop_at
@@ -91,6 +94,8 @@ def run_load(
     profile: Callable[[servers.Server, float], subprocess.Popen[bytes] | None] | None = None,
 ) -> dict[str, Any]:
     """Play ``config`` against a started ``server``; return the metrics dict."""
+    if config.transport != AUDIOSOCKET and server.ws_port is None:
+        raise ValueError(f"{server.name} has no chan_websocket endpoint")
     cores = client_cores(_server_core(server))
     noise = dict.fromkeys(("p50", "p99", "max"), math.nan)
     if config.noise_probe:

@@ -8,6 +8,8 @@ command line with a ``{port}`` placeholder.  The daemon's log goes to a file; it
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import shlex
@@ -21,6 +23,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key-0123456789"
@@ -74,6 +81,9 @@ class Server:
     log_path: Path
     pinned: str | None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    ws_port: int | None = None  # chan_websocket endpoint: the --http port, or --https for wss
+    tls: bool = False  # ws_port speaks TLS (a lab certificate in _tls_dir)
+    _tls_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -114,15 +124,70 @@ class Server:
         if self._log is not None:
             self._log.close()
         self.log_path.unlink(missing_ok=True)
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()
 
 
 def _pin(core: int | None) -> list[str]:
     return ["taskset", "-c", str(core)] if core is not None else []
 
 
-def start_daemon(core: int | None = None, extra_env: dict[str, str] | None = None) -> Server:
-    """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given."""
+def lab_certificate(directory: Path) -> tuple[Path, Path]:
+    """A fresh self-signed EC certificate for 127.0.0.1 in ``directory``: ``(key, cert)``.
+
+    Made at run time for wss:// runs only (never stored in the repository); the bench client
+    does not verify it, as Asterisk with ``verify_server_cert = no`` would not.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def start_daemon(
+    core: int | None = None, extra_env: dict[str, str] | None = None, tls: bool = False
+) -> Server:
+    """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given.
+
+    Its chan_websocket endpoint is on the ``--http`` port; with ``tls`` also on an ``--https``
+    port (a lab certificate made in a temporary directory), which is then ``ws_port``.
+    """
     as_port, http_port = free_port(), free_port()
+    https: list[str] = []
+    tls_dir = None
+    ws_port = http_port
+    if tls:
+        tls_dir = tempfile.TemporaryDirectory(prefix="bench-tls-")
+        key_path, cert_path = lab_certificate(Path(tls_dir.name))
+        ws_port = free_port()
+        https = [
+            "--https",
+            f"ssl:{ws_port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}",
+        ]
     command = [
         *_pin(core),
         sys.executable,
@@ -137,6 +202,7 @@ def start_daemon(core: int | None = None, extra_env: dict[str, str] | None = Non
         f"tcp:{http_port}:interface=127.0.0.1",
         "--audiosocket",
         f"tcp:{as_port}:interface=127.0.0.1",
+        *https,
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -145,7 +211,8 @@ def start_daemon(core: int | None = None, extra_env: dict[str, str] | None = Non
     env.setdefault("RAPIDA_MAX_CONNECTIONS", "100000")
     env.update(extra_env or {})
     server = _spawn("rapida-asterisk", command, env, as_port, http_port, core)
-    _wait(server, lambda: _healthy(http_port))
+    server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir
+    _wait(server, lambda: _healthy(http_port) and _listening(ws_port))
     return server
 
 

@@ -32,6 +32,14 @@ class EchoTracker:
       medians' difference shows latency growing over the call.
 
     An underrun is a run of silence between two echoed frames: the caller hears a gap.
+
+    ``lead`` (chan_websocket) says the server sends *nothing* during silence and ``lead``
+    extra frames at once when audio starts again (its ``ws_lead_frames``).  Then an arrival
+    gap over 1.5 frames is a silent stretch (an underrun when it falls between two echoed
+    frames), its interval error is its distance from the nearest whole number of 20 ms ticks
+    (the server's pacer keeps its grid through silence), and up to ``lead`` frames arriving
+    less than half a frame after their predecessor right after the start of a stretch are the
+    lead burst, not sampled.  Every other gap is sampled as ``|gap - 20 ms|``.
     """
 
     __slots__ = (
@@ -42,7 +50,9 @@ class EchoTracker:
         "_intervals",
         "_late",
         "_latencies",
+        "_lead",
         "_playing",
+        "_skip",
         "corrupt",
         "duplicated",
         "echoed",
@@ -63,7 +73,10 @@ class EchoTracker:
         latencies: array[float],
         early: array[float],
         late: array[float],
+        lead: int | None = None,
     ) -> None:
+        self._lead = lead
+        self._skip = 0
         self._hold_from = hold_from
         self._hold_to = hold_to
         self._intervals = intervals
@@ -89,7 +102,9 @@ class EchoTracker:
 
     def received(self, ident: int, at: float) -> None:
         last, self.last_rx = self.last_rx, at
-        if last is not None and self._hold_from <= at < self._hold_to:
+        if self._lead is not None:
+            self._gapless_interval(last, at)
+        elif last is not None and self._hold_from <= at < self._hold_to:
             self._intervals.append(abs(at - last - FRAME_SECONDS))
         if ident == IS_SILENCE:
             self.silence += 1
@@ -119,6 +134,25 @@ class EchoTracker:
                 self._early.append(latency)
             if sent_at >= self._hold_to - 1.0:
                 self._late.append(latency)
+
+    def _gapless_interval(self, last: float | None, at: float) -> None:
+        if last is None:
+            self._skip = self._lead or 0
+            return
+        gap = at - last
+        if gap > 1.5 * FRAME_SECONDS:
+            if self._playing:
+                self._gap = True
+            error = abs(gap - round(gap / FRAME_SECONDS) * FRAME_SECONDS)
+            self._skip = self._lead or 0
+        elif self._skip and gap < 0.5 * FRAME_SECONDS:
+            self._skip -= 1
+            return
+        else:
+            self._skip = 0
+            error = abs(gap - FRAME_SECONDS)
+        if self._hold_from <= at < self._hold_to:
+            self._intervals.append(error)
 
     def finish(self) -> None:
         """The call is over: frames never echoed are lost."""

@@ -8,17 +8,22 @@ that every metric is present and that a healthy tiny load loses nothing, not any
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import warnings
 from array import array
 from pathlib import Path
 
 import pytest
 
-from bench import frames
+from bench import frames, ws
+from bench.__main__ import parse
 from bench.client import parse_reply, registration_request
 from bench.server import cpu_seconds, daemon_call_counts, rss_mb
 from bench.stats import EchoTracker, format_table, meets_bar, percentile, spread_ms
@@ -57,12 +62,187 @@ def test_sequence_numbers_out_of_range_are_refused(seq: int) -> None:
         frames.payload(seq)
 
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+
+def _daemon_echo(ulaw: bytes) -> bytes:
+    """What the daemon's echo does to μ-law: decode, then encode again."""
+    return audioop.lin2ulaw(audioop.ulaw2lin(ulaw, 2), 2)
+
+
+def test_only_ulaw_minus_zero_changes_on_the_daemons_round_trip() -> None:
+    changed = [b for b in range(256) if _daemon_echo(bytes([b])) != bytes([b])]
+    assert changed == [0x7F]
+
+
+@pytest.mark.parametrize("seq", [1, 2, 49, 50, 127, 128, 16383, 16384, 12345678, 2**31 - 1])
+def test_ulaw_frames_survive_the_daemons_codec_and_identify_themselves(seq: int) -> None:
+    payload = frames.ulaw_payload(seq)
+    assert len(payload) == frames.ULAW_BYTES
+    assert 0x7F not in payload
+    assert _daemon_echo(payload) == payload
+    assert frames.identify_ulaw(payload) == seq
+    assert audioop.ulaw2lin(frames.ULAW_BODIES[seq % 50], 2) != bytes(310)  # a tone, not silence
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (frames.ULAW_SILENCE, frames.IS_SILENCE),
+        (frames.ulaw_payload(7)[:-1], frames.IS_CORRUPT),
+        (frames.ulaw_payload(7)[:50] + b"\x01" + frames.ulaw_payload(7)[51:], frames.IS_CORRUPT),
+        (b"\x07" + frames.ulaw_payload(7)[1:], frames.IS_CORRUPT),  # top bit missing
+        (b"\x80" * 5 + frames.ulaw_payload(7)[5:], frames.IS_CORRUPT),  # sequence 0
+        (frames.ulaw_payload(8)[:5] + frames.ulaw_payload(7)[5:], frames.IS_CORRUPT),  # body
+        (b"\xff" * 5 + frames.ulaw_payload(7)[5:], frames.IS_CORRUPT),  # 2**35 - 1
+    ],
+)
+def test_identify_ulaw_rejects_what_we_did_not_send(data: bytes, expected: int) -> None:
+    assert frames.identify_ulaw(data) == expected
+
+
+@pytest.mark.parametrize("seq", [0, 2**31])
+def test_ulaw_sequence_numbers_out_of_range_are_refused(seq: int) -> None:
+    with pytest.raises(ValueError, match="sequence number must be"):
+        frames.ulaw_payload(seq)
+
+
+# -- the WebSocket client codec ----------------------------------------------------------------
+
+
+def _unmask_client_frame(data: bytes) -> tuple[int, bytes]:
+    """RFC 6455 by hand: a client frame must be final, masked, and unmask to its payload."""
+    b0, b1 = data[0], data[1]
+    assert b0 & 0x80 and b1 & 0x80
+    n, pos = b1 & 0x7F, 2
+    if n == 126:
+        (n,) = struct.unpack("!H", data[2:4])
+        pos = 4
+    key, body = data[pos : pos + 4], data[pos + 4 :]
+    assert len(body) == n
+    return b0 & 0x0F, bytes(b ^ key[i % 4] for i, b in enumerate(body))
+
+
+@pytest.mark.parametrize("seq", [1, 50, 51, 99999])
+def test_audio_frames_are_masked_binary_messages_of_the_ulaw_payload(seq: int) -> None:
+    assert _unmask_client_frame(ws.audio_frame(seq)) == (ws.BINARY, frames.ulaw_payload(seq))
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 125, 126, 1000])
+def test_client_frames_unmask_to_their_payload(n: int) -> None:
+    payload = bytes(range(256)) * 4
+    assert _unmask_client_frame(ws.client_frame(ws.TEXT, payload[:n])) == (ws.TEXT, payload[:n])
+
+
+def test_media_start_names_the_context_like_chan_websocket_with_json() -> None:
+    opcode, text = _unmask_client_frame(ws.media_start("a" * 36, 7))
+    event = json.loads(text)
+    assert opcode == ws.TEXT
+    assert event["event"] == "MEDIA_START"
+    assert (event["format"], event["optimal_frame_size"], event["ptime"]) == ("ulaw", 160, 20)
+    assert event["channel_variables"]["__RAPIDA_CONTEXT_ID"] == "a" * 36
+    assert _unmask_client_frame(ws.close_frame(1000)) == (ws.CLOSE, b"\x03\xe8")
+
+
+def test_upgrade_request_is_chan_websockets() -> None:
+    request = ws.upgrade_request("/v1/talk/asterisk/ctx?ctx=abc", "127.0.0.1:1")
+    assert request.startswith(b"GET /v1/talk/asterisk/ctx?ctx=abc HTTP/1.1\r\n")
+    assert b"\r\nSec-WebSocket-Protocol: media\r\n" in request
+    assert request.endswith(f"Sec-WebSocket-Key: {ws.KEY}\r\n\r\n".encode())
+
+
+_ACCEPT = base64.b64encode(
+    hashlib.sha1(ws.KEY.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+).decode()
+
+
+@pytest.mark.parametrize(
+    ("head", "error"),
+    [
+        (
+            f"HTTP/1.1 101 Switching\r\nSec-WebSocket-Accept: {_ACCEPT}\r\n"
+            "Sec-WebSocket-Protocol: media",
+            None,
+        ),
+        ("HTTP/1.1 404 Not Found\r\nContent-Length: 0", "upgrade answered"),
+        ("garbage", "upgrade answered"),
+        (
+            "HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: x\r\nSec-WebSocket-Protocol: media",
+            "Sec-WebSocket-Accept",
+        ),
+        (f"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: {_ACCEPT}", "subprotocol None"),
+    ],
+)
+def test_upgrade_answers_are_checked(head: str, error: str | None) -> None:
+    if error is None:
+        ws.check_upgrade(head.encode())
+        return
+    with pytest.raises(ws.HandshakeFailed, match=error):
+        ws.check_upgrade(head.encode())
+
+
+def _server_frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes([0x80 | opcode, n]) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def test_server_frames_are_parsed_across_any_split() -> None:
+    stream = b"".join(
+        [
+            _server_frame(ws.BINARY, frames.ulaw_payload(1)),
+            _server_frame(ws.PING, b"p"),
+            _server_frame(ws.BINARY, bytes(70000)),
+            _server_frame(ws.TEXT, b""),
+        ]
+    )
+    expected = [
+        (ws.BINARY, frames.ulaw_payload(1)),
+        (ws.PING, b"p"),
+        (ws.BINARY, bytes(70000)),
+        (ws.TEXT, b""),
+    ]
+    for step in (1, 3, 163, len(stream)):
+        decoder = ws.ServerFrames()
+        got = []
+        for at in range(0, len(stream), step):
+            got += decoder.feed(stream[at : at + step])
+        assert got == expected, step
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes([0x82, 0x80 | 2]) + b"abcdef",  # masked
+        bytes([0x02, 2]) + b"ab",  # not final
+        bytes([0xC2, 2]) + b"ab",  # reserved bit
+        struct.pack("!BBQ", 0x82, 127, 1 << 40),  # absurd length
+    ],
+)
+def test_bad_server_frames_are_refused(data: bytes) -> None:
+    with pytest.raises(ws.BadServerFrame):
+        ws.ServerFrames().feed(data)
+
+
+def test_websocket_transport_refuses_a_peer() -> None:
+    with pytest.raises(SystemExit):
+        parse(["run", "--transport", "websocket", "--peer", "x {port}"])
+    assert parse(["run", "--transport", "wss"]).transport == "wss"
+
+
 # -- echo tracking -------------------------------------------------------------------------------
 
 
-def _tracker(hold_from: float = 0.0, hold_to: float = 100.0) -> tuple[EchoTracker, dict]:
+def _tracker(
+    hold_from: float = 0.0, hold_to: float = 100.0, lead: int | None = None
+) -> tuple[EchoTracker, dict]:
     arrays = {k: array("d") for k in ("intervals", "latencies", "early", "late")}
-    return EchoTracker(hold_from, hold_to, **arrays), arrays
+    return EchoTracker(hold_from, hold_to, **arrays, lead=lead), arrays
 
 
 def test_clean_echo_counts_nothing_bad() -> None:
@@ -100,6 +280,30 @@ def test_tracker_judges_each_returned_frame(
         t.received(ident, 0.01 + n * 0.02)
     t.finish()
     assert (t.lost, t.duplicated, t.corrupt, t.underruns) == (lost, duplicated, corrupt, underruns)
+
+
+@pytest.mark.parametrize(
+    ("arrivals_ms", "errors_ms", "underruns"),
+    [
+        ([0, 20, 40, 60], [0, 0, 0], 0),  # steady
+        ([0, 0.1, 0.2, 0.3, 20.3, 40], [0, 0.3], 0),  # the lead burst at the start
+        ([0, 0.1, 0.2, 0.3, 0.4, 20.4], [19.9, 0], 0),  # a fourth frame at once is not lead
+        ([0, 20, 80, 80.1, 80.2, 80.3, 100.3], [0, 0, 0], 1),  # silence, lead again
+        ([0, 20, 75, 95], [0, 5, 0], 1),  # silence off the tick grid
+        ([0, 20, 45, 65], [0, 5, 0], 0),  # late, not silence (<= 1.5 frames)
+        ([0, 20, 21, 40], [0, 19, 1], 0),  # two in a tick after the lead: sampled
+    ],
+)
+def test_websocket_intervals_allow_for_silence_and_lead(
+    arrivals_ms: list[float], errors_ms: list[float], underruns: int
+) -> None:
+    t, a = _tracker(lead=3)
+    for n, at in enumerate(arrivals_ms, 1):
+        t.sent(at / 1000 - 0.001)
+        t.received(n, at / 1000)
+    t.finish()
+    assert [round(e * 1000, 6) for e in a["intervals"]] == pytest.approx(errors_ms)
+    assert (t.underruns, t.lost, t.echoed) == (underruns, 0, len(arrivals_ms))
 
 
 def test_only_the_hold_window_is_sampled() -> None:
@@ -289,6 +493,20 @@ def test_compare_runs_the_same_tiny_load_on_the_daemon_and_a_peer(tmp_path: Path
     _check_load(result["peer"], 3, daemon=False)
     assert "interval err p99 ms" in stdout
     assert stdout.splitlines()[1].split() == ["metric", "rapida", "peer"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "wss"])
+def test_a_tiny_websocket_load_loses_nothing(tmp_path: Path, transport: str) -> None:
+    stdout, result = _bench(
+        tmp_path,
+        *("run", "-n", "2", "--hold", "1", "--ramp", "50", "--workers", "2"),
+        *("--core", "none", "--noise-probe", "0.2", "--transport", transport),
+    )
+    assert isinstance(result, dict)
+    _check_load(result, 2, daemon=True)
+    assert result["config"]["transport"] == transport
+    assert result["silence_frames"] == 0  # the daemon sends nothing during silence
+    assert f"2 calls, {transport}, paced" in stdout
 
 
 def test_max_mode_prints_one_figure(tmp_path: Path) -> None:
