@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
 from rapida_tap.assistants.registry import AssistantRegistry
@@ -134,7 +134,7 @@ class Leg:
         self.head = b""
         self.frames: list[tuple[int, bytes]] = []
         self.logs = LogCapture()
-        self.proto.log = Logger(observer=self.logs)  # this leg's lines only
+        self.proto.daemon_log = Logger(observer=self.logs)  # this leg's lines only
 
     def handshake(self, path: str = f"/v1/talk/asterisk/ctx?ctx={CTX}", **kw: Any) -> bytes:
         self.proto.dataReceived(fc.upgrade_request(path, **kw))
@@ -470,3 +470,20 @@ def test_shipped_dialplans_have_what_real_asterisk_needs(context: str) -> None:
     if context == "rapida-inbound-ws":
         for needed in ("conntimeout", "httptimeout", "failurecodes", "X-Api-Key", "URIENCODE"):
             assert needed in body
+
+
+def test_autobahn_per_frame_debug_lines_stay_out_of_the_log() -> None:
+    """Autobahn logs every frame at debug level through ``self.log``; that must stay its own
+    (filtering) logger, or a busy node writes megabytes of log per second."""
+    leg = Leg()
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        leg.start()
+        leg.session.call.play(b"\x00\x01" * 160 * 10)
+        leg.tick(10)
+        leg.send(fc.BINARY, b"\xff" * 160)
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    assert not isinstance(leg.proto.log, Logger)
+    assert not [e for e in capture.events if e.get("log_level") == LogLevel.debug]

@@ -126,7 +126,9 @@ class _Mark:
 class MediaWebSocketProtocol(WebSocketServerProtocol):
     """One chan_websocket session (see the module docstring for its life)."""
 
-    log = Logger()
+    # Not ``log``: that name is Autobahn's own (txaio) logger, which drops its per-frame debug
+    # lines; a twisted Logger there would write them all (a third of the CPU at 100 calls).
+    daemon_log = Logger()
     transport_name = "websocket"
     factory: MediaWebSocketFactory
 
@@ -205,7 +207,9 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
             failure.raiseException()
         if failure.check(ContextStoreUnavailable):
             self._deny(503, "context-store-unavailable", failure.getErrorMessage())
-        self.log.failure("websocket {peer}: context lookup failed", failure, peer=self.peer_name)
+        self.daemon_log.failure(
+            "websocket {peer}: context lookup failed", failure, peer=self.peer_name
+        )
         self._deny(500, "internal-error", "context lookup failed")
 
     def _deny(self, status: int, why: str, detail: str) -> None:
@@ -318,7 +322,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self.phase = State.IN_CALL
         self.call = call
         assert self.media_start is not None
-        self.log.info(
+        self.daemon_log.info(
             "websocket {peer}: call {ctx} on channel {channel} ({channel_id}), {fmt} control",
             peer=self.peer_name,
             ctx=self.context_id,
@@ -331,7 +335,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         why = getattr(failure.value, "reason", None)
         if why is None:
             why = "internal-error"
-            self.log.failure(
+            self.daemon_log.failure(
                 "websocket {peer}: claim of {ctx} failed",
                 failure,
                 peer=self.peer_name,
@@ -348,7 +352,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         elif isinstance(event, control.MediaMarkProcessed):
             settled = self._marks.processed(event.correlation_id)
             if not settled:
-                self.log.debug(
+                self.daemon_log.debug(
                     "websocket {ctx}: MEDIA_MARK_PROCESSED for unknown mark {mark!r}",
                     ctx=self.context_id,
                     mark=event.correlation_id,
@@ -359,25 +363,29 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
             if not self.xoff:
                 self.xoff = True
                 self.xoff_count += 1
-                self.log.info("websocket {ctx}: MEDIA_XOFF, holding audio", ctx=self.context_id)
+                self.daemon_log.info(
+                    "websocket {ctx}: MEDIA_XOFF, holding audio", ctx=self.context_id
+                )
         elif isinstance(event, control.MediaXon):
             if self.xoff:
                 self.xoff = False
                 self._drain_held(XON_BURST)
         elif isinstance(event, control.ErrorEvent):
-            self.log.warn(
+            self.daemon_log.warn(
                 "websocket {ctx}: Asterisk reported an error: {text}",
                 ctx=self.context_id,
                 text=event.error_text,
             )
         elif isinstance(event, control.UnknownEvent):
-            self.log.info(
+            self.daemon_log.info(
                 "websocket {ctx}: ignoring unknown event {name}",
                 ctx=self.context_id,
                 name=event.name,
             )
         elif isinstance(event, control.MediaStart):
-            self.log.warn("websocket {ctx}: ignoring a second MEDIA_START", ctx=self.context_id)
+            self.daemon_log.warn(
+                "websocket {ctx}: ignoring a second MEDIA_START", ctx=self.context_id
+            )
         # STATUS, QUEUE_DRAINED, MEDIA_BUFFERING_COMPLETED: answers to commands we never send.
 
     def onPong(self, payload: bytes) -> None:
@@ -471,7 +479,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     def _hold(self, ulaw: bytes) -> None:
         if self._held_audio >= self.factory.xoff_hold_frames:
             if self.held_dropped == 0:
-                self.log.warn(
+                self.daemon_log.warn(
                     "websocket {ctx}: Asterisk's queue stays full; dropping audio",
                     ctx=self.context_id,
                 )
@@ -539,7 +547,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
             self._refuse("protocol-error", detail, code)
 
     def _count_refusal(self, why: str, detail: str) -> None:
-        self.log.warn(
+        self.daemon_log.warn(
             "websocket {peer}: connection refused: {why} ({detail})",
             peer=self.peer_name,
             why=why,
@@ -589,7 +597,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
             if self.failedByMe or (previous is State.HANDSHAKE and self.wasNotCleanReason):
                 self._count_refusal("protocol-error", str(self.wasNotCleanReason or "failed"))
             else:
-                self.log.info(
+                self.daemon_log.info(
                     "websocket {peer}: closed before the call started ({state})",
                     peer=self.peer_name,
                     state=previous.value,
