@@ -226,6 +226,7 @@ class TwistdProcessTests(TestCase):
                 pass
             if process.ended.called:
                 self.fail(f"twistd exited: {process.out.decode(errors='replace')}")
+            # Another process is starting: only its port can tell us when it is up.
             yield deferLater(reactor, 0.1, lambda: None)
 
     @defer.inlineCallbacks

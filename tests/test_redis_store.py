@@ -99,7 +99,10 @@ def context(cid: str | None = None, **kw: Any) -> CallContext:
 
 @defer.inlineCallbacks
 def eventually(check: Any, timeout: float = 5.0, what: str = "condition") -> Any:
-    """Re-run ``check`` (may return a Deferred) every 20 ms until truthy; bounded by ``timeout``."""
+    """Re-run ``check`` (may return a Deferred) every 20 ms until truthy; bounded by ``timeout``.
+
+    Only for what Redis does on its own clock (key expiry), which no ``task.Clock`` can drive.
+    """
     deadline = reactor.seconds() + timeout
     while True:
         result = yield defer.maybeDeferred(check)
