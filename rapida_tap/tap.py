@@ -29,7 +29,8 @@ from rapida_tap.interfaces import IContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import SHUTDOWN
 from rapida_tap.metrics import NodeCollector, NodeMetrics
-from rapida_tap.outbound import OutboundCalls, parse_providers
+from rapida_tap.outbound import OutboundCalls
+from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
 from rapida_tap.redis_store import RedisContextStore, RedisURLError
 from rapida_tap.web.admin import DrainResource

@@ -13,6 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from rapida_tap import outbound as ob
+from rapida_tap import providers as providers_mod
 from rapida_tap.ari import AriNotFound, AriProvider, AriServerError, AriTimeout, AriUnreachable
 from rapida_tap.assistants.echo import EchoAssistant
 from rapida_tap.assistants.registry import AssistantRegistry
@@ -472,7 +473,7 @@ ENV = {"ARI_PW": "s3cret"}
 
 def test_provider_from_the_environment() -> None:
     table = {**BASE, "trunk": "trunk", "timeout": 3, "caller_id": "+4930"}
-    (provider,) = ob.parse_providers({"pbx1": table}, ENV).values()
+    (provider,) = providers_mod.parse_providers({"pbx1": table}, ENV).values()
     assert provider == AriProvider(
         name="pbx1",
         ari_url="http://pbx:8088",
@@ -489,12 +490,12 @@ def test_provider_from_a_systemd_credential(tmp_path: Path) -> None:
     (tmp_path / "ari-password").write_text("from-file\n")
     table = {"ari_url": "https://pbx", "ari_user": "u", "password_credential": "ari-password"}
     env = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
-    (provider,) = ob.parse_providers({"p": table}, env).values()
+    (provider,) = providers_mod.parse_providers({"p": table}, env).values()
     assert provider.ari_password == "from-file"
 
 
 def test_several_providers_keep_their_order() -> None:
-    providers = ob.parse_providers({"b": BASE, "a": {**BASE, "context": "other"}}, ENV)
+    providers = providers_mod.parse_providers({"b": BASE, "a": {**BASE, "context": "other"}}, ENV)
     assert list(providers) == ["b", "a"]
     assert providers["a"].context == "other"
 
@@ -549,23 +550,23 @@ def test_several_providers_keep_their_order() -> None:
 )
 def test_bad_provider_config(table: dict[str, Any], env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        ob.parse_providers({"pbx1": table}, env)
+        providers_mod.parse_providers({"pbx1": table}, env)
     assert str(info.value).startswith(message), str(info.value)
     assert "s3cret" not in str(info.value)
 
 
 def test_bad_provider_name_and_shape() -> None:
     with pytest.raises(ConfigError, match=r"providers\.a b: a provider name"):
-        ob.parse_providers({"a b": BASE}, ENV)
+        providers_mod.parse_providers({"a b": BASE}, ENV)
     with pytest.raises(ConfigError, match=r"providers\.p: must be a table"):
-        ob.parse_providers({"p": "x"}, ENV)
+        providers_mod.parse_providers({"p": "x"}, ENV)
 
 
 def test_empty_credential_file(tmp_path: Path) -> None:
     (tmp_path / "ari").write_text("\n")
     table = {"ari_url": "http://pbx", "ari_user": "u", "password_credential": "ari"}
     with pytest.raises(ConfigError, match="is empty"):
-        ob.parse_providers({"p": table}, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+        providers_mod.parse_providers({"p": table}, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
 
 
 # -- the shipped dialplan ---------------------------------------------------------------------

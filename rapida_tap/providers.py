@@ -1,0 +1,145 @@
+"""Outbound providers: ``[providers.NAME]`` TOML tables become ``AriProvider`` objects.
+
+The ARI password never comes from the file or the command line: it is read from an environment
+variable or a systemd credential, and it appears in no message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from rapida_tap.ari import AriProvider, InvalidNumber, validate_number
+from rapida_tap.config import ConfigError
+
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DIALPLAN_CONTEXT = re.compile(r"[A-Za-z0-9._-]{1,79}")
+FORMATS = re.compile(r"[a-z0-9_]+(?:,[a-z0-9_]+)*")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
+_TEXT_KEYS = (
+    "ari_url",
+    "ari_user",
+    "password_env",
+    "password_credential",
+    "endpoint_technology",
+    "trunk",
+    "context",
+    "ws_context",
+    "caller_id",
+    "formats",
+)
+_PROVIDER_KEYS = (*_TEXT_KEYS, "timeout")
+
+
+def parse_providers(
+    tables: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, AriProvider]:
+    """``[providers.NAME]`` TOML tables as ``AriProvider`` objects, in file order.
+
+    The password is read from the environment variable named by ``password_env`` or from the
+    systemd credential ``$CREDENTIALS_DIRECTORY/<password_credential>``, never from the file.
+    Every problem is a ``ConfigError`` naming the setting, e.g. ``providers.pbx1.ari_url``.
+    """
+    env = os.environ if environ is None else environ
+    providers: dict[str, AriProvider] = {}
+    for name, table in tables.items():
+        if not PROVIDER_NAME.fullmatch(name):
+            raise ConfigError(f"providers.{name}: a provider name is 1-64 of [A-Za-z0-9._-]")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"providers.{name}: must be a table")
+        providers[name] = _parse_provider(name, table, env)
+    return providers
+
+
+def _parse_provider(name: str, table: Mapping[str, Any], env: Mapping[str, str]) -> AriProvider:
+    where = f"providers.{name}"
+    fields: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "ari_password":
+            raise ConfigError(
+                f"{where}.ari_password: keep the password out of the config file: set "
+                'password_env = "ARI_PASSWORD" (environment) or '
+                'password_credential = "ari-password" (systemd credential)'
+            )
+        if key not in _PROVIDER_KEYS:
+            raise ConfigError(
+                f"{where}.{key}: unknown provider setting; known: {', '.join(_PROVIDER_KEYS)}"
+            )
+        if key == "timeout":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{where}.timeout: must be a positive number of seconds")
+            fields[key] = float(value)
+        elif not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: must be a string")
+        else:
+            fields[key] = value.strip()
+    for key in ("ari_url", "ari_user"):
+        if not fields.get(key):
+            raise ConfigError(f"{where}.{key}: is required")
+    if ":" in fields["ari_user"]:
+        raise ConfigError(f"{where}.ari_user: must not contain ':'")
+    password = _password(
+        where, fields.pop("password_env", ""), fields.pop("password_credential", ""), env
+    )
+    for key in ("context", "ws_context"):
+        if key in fields and not DIALPLAN_CONTEXT.fullmatch(fields[key]):
+            raise ConfigError(
+                f"{where}.{key}: must be a dialplan context name, 1-79 of [A-Za-z0-9._-]"
+            )
+    if fields.get("formats") and not FORMATS.fullmatch(fields["formats"]):
+        raise ConfigError(f"{where}.formats: must be codec names separated by commas, e.g. ulaw")
+    if fields.get("caller_id"):
+        try:
+            fields["caller_id"] = validate_number(fields["caller_id"])
+        except InvalidNumber as e:
+            raise ConfigError(f"{where}.caller_id: {e}") from None
+    try:
+        return AriProvider(name=name, ari_password=password, **fields)
+    except ValueError as e:
+        # AriProvider says "provider 'x': <field> must ..."; name the setting instead.
+        text = str(e).split(": ", 1)[-1]
+        field, _, rest = text.partition(" ")
+        if field in _PROVIDER_KEYS:
+            raise ConfigError(f"{where}.{field}: {rest}") from None
+        raise ConfigError(f"{where}: {text}") from None
+
+
+def _password(where: str, env_name: str, credential: str, env: Mapping[str, str]) -> str:
+    if bool(env_name) == bool(credential):
+        raise ConfigError(
+            f"{where}: set exactly one of password_env (an environment variable holding the ARI "
+            "password) or password_credential (a systemd credential name)"
+        )
+    if env_name:
+        if not ENV_NAME.fullmatch(env_name):
+            raise ConfigError(f"{where}.password_env: {env_name!r} is not a variable name")
+        password = env.get(env_name, "")
+        if not password:
+            raise ConfigError(
+                f"{where}.password_env: the environment variable {env_name} is not set or empty"
+            )
+        return password
+    if not CREDENTIAL_NAME.fullmatch(credential) or credential in (".", ".."):
+        raise ConfigError(f"{where}.password_credential: {credential!r} is not a credential name")
+    directory = env.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        raise ConfigError(
+            f"{where}.password_credential: $CREDENTIALS_DIRECTORY is not set: run under systemd "
+            f"with LoadCredential={credential}:/path/to/file, or use password_env"
+        )
+    path = os.path.join(directory, credential)
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.read().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(
+            f"{where}.password_credential: cannot read {path}: {e.strerror}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}.password_credential: {path} is not UTF-8 text") from None
+    if not password:
+        raise ConfigError(f"{where}.password_credential: {path} is empty")
+    return password
