@@ -77,6 +77,15 @@ class AudioSocketCallTests(TestCase):
         self.assertEqual(self.daemon.bridge.calls, {})
 
     @defer.inlineCallbacks
+    def test_shutdown_ends_calls_with_the_hangup_frame(self):
+        ctx, client = yield self.call([])
+        yield wait_until(lambda: ctx in self.daemon.bridge.calls)
+        self.daemon.bridge.end_all(reasons.SHUTDOWN)
+        yield client.closed
+        self.assertEqual(client.received[-1].kind, Kind.HANGUP)
+        self.assertIn(f"call {ctx} ended: shutdown", self.logs.text())
+
+    @defer.inlineCallbacks
     def test_hangup_frame_from_asterisk_ends_the_call(self):
         ctx, client = yield self.call([])
         yield wait_until(lambda: ctx in self.daemon.bridge.calls)

@@ -247,7 +247,7 @@ class AudioSocketProtocol(Protocol):
         self.state = State.CLOSED
         self._cancel_timer()
         if reason != reasons.CALLER_HANGUP:
-            self.transport.write(HANGUP_FRAME)
+            self._send(HANGUP_FRAME)  # straight to the kernel: it must survive a shutdown
         self._close()
 
     # -- IPushProducer: a peer that stops reading -------------------------------------
