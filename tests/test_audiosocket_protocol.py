@@ -256,6 +256,7 @@ class ProtocolTests(SynchronousTestCase):
         kind, payload = self.sent_frames(transport)[-1]
         self.assertEqual(kind, Kind.SLIN_16K)
         self.assertEqual(len(payload), 640)
+        proto.connectionLost()
 
     def test_closed_while_claiming(self) -> None:
         """A slow store: the peer goes away before the claim answers; the call ends at once."""

@@ -156,6 +156,7 @@ class AudioSocketProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections -= 1
+        self._upsample = self._downsample = None  # the resamplers' native state
         self._cancel_timer()
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
