@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import txaio
 from twisted.application import service, strports
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
@@ -388,15 +389,20 @@ class Daemon:
 
 
 class Banner(Resource):
-    """``GET /``: a connectivity check (``curl -I https://host/``) that names the service."""
+    """``GET /``: a connectivity check (``curl https://host/``) that names the service."""
 
     isLeaf = True
+    body = b"rapida-asterisk\n"
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
-        return b"rapida-asterisk\n"
+        return self.body
 
-    render_HEAD = render_GET
+    def render_HEAD(self, request: Any) -> bytes:
+        """``curl -I``: the headers of a GET, no body (twisted.web warns about one)."""
+        request.setHeader(b"content-type", b"text/plain")
+        request.setHeader(b"content-length", b"%d" % len(self.body))
+        return b""
 
 
 def endpoint_port(endpoint: str) -> str:
@@ -456,6 +462,9 @@ def makeService(options: Options) -> service.MultiService:
 
     settings = options.settings
     assert settings is not None
+    # Autobahn logs two more lines (info and warn) for every refused handshake, after ours;
+    # keep its errors only, so each refusal is one line saying why.
+    txaio.set_global_log_level("error")  # type: ignore[attr-defined]  # bound by use_twisted()
     try:
         daemon = Daemon(settings, reactor, on_drained=reactor.stop)
     except ConfigError as e:
