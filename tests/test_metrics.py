@@ -71,6 +71,7 @@ class MetricsOverHttpTests(TestCase):
             25,  # counted from the live call's own counter
         )
 
+        call = self.daemon.bridge.calls[ctx]
         client.transport.loseConnection()
         yield wait_until(lambda: not self.daemon.bridge.calls)
         bad = yield raw_http(
@@ -91,7 +92,8 @@ class MetricsOverHttpTests(TestCase):
         frames_in = m[("rapida_call_frames_total", (("direction", "in"), *audiosocket))]
         frames_out = m[("rapida_call_frames_total", (("direction", "out"), *audiosocket))]
         self.assertEqual((frames_in, frames_out), (25, 25))  # kept after the call ended: echo
-        self.assertEqual(m[("rapida_call_underruns_total", audiosocket)], 0)
+        # the call's own count (a real-reactor echo may legitimately have one)
+        self.assertEqual(m[("rapida_call_underruns_total", audiosocket)], call.underruns)
         self.assertEqual(m[("rapida_registrations_total", (("status", "200"),))], 1)
         self.assertEqual(m[("rapida_registrations_total", (("status", "401"),))], 1)
         refused = (("reason", "context-unknown"), ("transport", "audiosocket"))
