@@ -173,46 +173,18 @@ def mute_server() -> tuple[IListeningPort, list[Mute]]:
     return port, factory.connections  # type: ignore[attr-defined]
 
 
-def self_signed(directory: str, hostname: str = "localhost") -> tuple[Any, str]:
-    """A throw-away certificate for ``hostname``: (server TLS options, path of the PEM cert)."""
-    import datetime
+def self_signed(directory: str) -> tuple[Any, str]:
+    """A throw-away certificate for localhost: (server TLS options, path of the PEM cert)."""
     import os
+    from pathlib import Path
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     from twisted.internet import ssl
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    from tests.certs import make_cert
+
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "bot-ca.pem")
-    key_path = os.path.join(directory, "bot-key.pem")
-    with open(path, "wb") as f:
-        f.write(cert_pem)
-    with open(key_path, "wb") as f:
-        f.write(key_pem)
-    return ssl.DefaultOpenSSLContextFactory(key_path, path), path
+    key_path, cert_path = make_cert(Path(directory), name="bot")
+    return ssl.DefaultOpenSSLContextFactory(str(key_path), str(cert_path)), str(cert_path)
 
 
 @defer.inlineCallbacks
