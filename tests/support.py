@@ -11,9 +11,11 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, Kind, encode_frame
 from rapida_tap.config import Settings
+from rapida_tap.interfaces import IAssistant, IAssistantSession
 from rapida_tap.tap import ContextStoreService, Daemon
 
 API_KEY = "test-key-0123456789"
@@ -251,3 +253,42 @@ def wait_until(predicate: Any, timeout: float = 5.0, step: float = 0.01) -> defe
 
     check()
     return d
+
+
+@implementer(IAssistantSession)
+class RecordingSession:
+    """An assistant session that only records what reaches it; the test drives the call."""
+
+    def __init__(self, call: Any = None) -> None:
+        self.call = call
+        self.audio: list[bytes] = []
+        self.digits: list[str] = []
+        self.marks: list[str] = []
+        self.closed: list[str] = []
+
+    def audio_received(self, pcm: bytes) -> None:
+        self.audio.append(pcm)
+
+    def dtmf_received(self, digit: str) -> None:
+        self.digits.append(digit)
+
+    def mark_played(self, name: str) -> None:
+        self.marks.append(name)
+
+    def close(self, reason: str) -> None:
+        self.closed.append(reason)
+
+
+@implementer(IAssistant)
+class RecordingAssistant:
+    """Connects every call to a new ``RecordingSession`` (kept in ``sessions``)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.sessions: list[RecordingSession] = []
+
+    def connect(self, call: Any) -> defer.Deferred[IAssistantSession]:
+        session = RecordingSession(call)
+        self.sessions.append(session)
+        return defer.succeed(session)

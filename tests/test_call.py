@@ -16,6 +16,7 @@ from rapida_tap.media.audio import FRAME_BYTES, SILENCE
 from rapida_tap.media.bridge import MediaBridge, NotAccepting, UnknownAssistant
 from rapida_tap.media.call import Call
 from rapida_tap.media.pacer import Pacer
+from tests.support import RecordingSession
 
 
 @implementer(ICallLeg)
@@ -45,27 +46,6 @@ class FakeLeg:
 
     def hangup(self, reason: str) -> None:
         self.events.append(("hangup", reason))
-
-
-@implementer(IAssistantSession)
-class RecordingSession:
-    def __init__(self) -> None:
-        self.audio: list[bytes] = []
-        self.digits: list[str] = []
-        self.marks: list[str] = []
-        self.closed: list[str] = []
-
-    def audio_received(self, pcm: bytes) -> None:
-        self.audio.append(pcm)
-
-    def dtmf_received(self, digit: str) -> None:
-        self.digits.append(digit)
-
-    def mark_played(self, name: str) -> None:
-        self.marks.append(name)
-
-    def close(self, reason: str) -> None:
-        self.closed.append(reason)
 
 
 def frame(n: int) -> bytes:

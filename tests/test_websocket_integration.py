@@ -9,15 +9,20 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from rapida_tap.assistants.echo import EchoSession
 from rapida_tap.assistants.registry import AssistantRegistry
-from rapida_tap.interfaces import IAssistant, IAssistantSession
 from rapida_tap.media.call import Call
 from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
 from tests import fake_chan_websocket as fc
-from tests.support import capture_logs, register, start_daemon, tone, wait_until
+from tests.support import (
+    RecordingAssistant,
+    capture_logs,
+    register,
+    start_daemon,
+    tone,
+    wait_until,
+)
 
 TRANSCRIPTS = [
     "websocket-json.jsonl",
@@ -26,43 +31,6 @@ TRANSCRIPTS = [
     "websocket-json-daemon-hangup.jsonl",
     "websocket-json-daemon-close.jsonl",
 ]
-
-
-@implementer(IAssistantSession)
-class Recorder:
-    """An assistant session that only records; the test drives the call."""
-
-    def __init__(self, call: Call) -> None:
-        self.call = call
-        self.audio: list[bytes] = []
-        self.digits: list[str] = []
-        self.marks: list[str] = []
-        self.closed: str | None = None
-
-    def audio_received(self, pcm: bytes) -> None:
-        self.audio.append(pcm)
-
-    def dtmf_received(self, digit: str) -> None:
-        self.digits.append(digit)
-
-    def mark_played(self, name: str) -> None:
-        self.marks.append(name)
-
-    def close(self, reason: str) -> None:
-        self.closed = reason
-
-
-@implementer(IAssistant)
-class RecordingAssistant:
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.sessions: list[Recorder] = []
-
-    def connect(self, call: Call) -> defer.Deferred[IAssistantSession]:
-        session = Recorder(call)
-        self.sessions.append(session)
-        return defer.succeed(session)
 
 
 def samples(pcm: bytes) -> list[int]:
@@ -216,7 +184,7 @@ class WebSocketTest(unittest.TestCase):
             self.assertEqual(call.frames_in, audio + len(digits))
             if assistant is not None:
                 self.assertEqual(assistant.sessions[0].digits, digits)
-                self.assertEqual(assistant.sessions[0].closed, "caller-hangup")
+                self.assertEqual(assistant.sessions[0].closed, ["caller-hangup"])
             self.assertNotIn("protocol-error", self.logs.text())
             self.assertEqual(self.errors(), [])
 

@@ -14,11 +14,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, globalLogPublisher
-from zope.interface import implementer
 
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.contexts import CallContext, ContextStoreUnavailable, MemoryContextStore
-from rapida_tap.interfaces import IAssistant, IAssistantSession
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import Call
 from rapida_tap.websocket.protocol import (
@@ -30,7 +28,7 @@ from rapida_tap.websocket.protocol import (
     context_id_from,
 )
 from tests import fake_chan_websocket as fc
-from tests.support import LogCapture, tone
+from tests.support import LogCapture, RecordingAssistant, RecordingSession, tone
 
 CTX = "e49ec698-467d-4b50-853c-e2fbe3a87c50"
 OTHER = "aaaaaaaa-2222-4333-8444-555555555555"
@@ -69,39 +67,6 @@ def test_context_id_from_refuses(path: str, params: dict[str, list[str]], messag
 
 
 # -- a leg on a string transport ------------------------------------------------------------
-
-
-@implementer(IAssistantSession)
-class Recorder:
-    def __init__(self, call: Call) -> None:
-        self.call = call
-        self.audio: list[bytes] = []
-        self.digits: list[str] = []
-        self.marks: list[str] = []
-
-    def audio_received(self, pcm: bytes) -> None:
-        self.audio.append(pcm)
-
-    def dtmf_received(self, digit: str) -> None:
-        self.digits.append(digit)
-
-    def mark_played(self, name: str) -> None:
-        self.marks.append(name)
-
-    def close(self, reason: str) -> None:
-        pass
-
-
-@implementer(IAssistant)
-class RecordingAssistant:
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.sessions: list[Recorder] = []
-
-    def connect(self, call: Call) -> defer.Deferred[IAssistantSession]:
-        self.sessions.append(Recorder(call))
-        return defer.succeed(self.sessions[-1])
 
 
 class Transport(StringTransport):
@@ -155,7 +120,7 @@ class Leg:
         return self.proto.call
 
     @property
-    def session(self) -> Recorder:
+    def session(self) -> RecordingSession:
         return self.assistant.sessions[0]
 
     def out(self) -> list[tuple[int, bytes]]:
