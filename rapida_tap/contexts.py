@@ -12,33 +12,34 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from rapida_tap.interfaces import IContextStore
+from rapida_tap.reasons import CallRefused, Refusal
 
 INBOUND = "inbound"
 OUTBOUND = "outbound"
 
 
-class ContextError(Exception):
+class ContextError(CallRefused):
     """A media connection presented a context id that cannot start a call."""
 
-    reason = "context-refused"
+    reason = Refusal.CONTEXT_REFUSED
 
 
 class ContextUnknown(ContextError):
-    reason = "context-unknown"
+    reason = Refusal.CONTEXT_UNKNOWN
 
 
 class ContextExpired(ContextError):
-    reason = "context-expired"
+    reason = Refusal.CONTEXT_EXPIRED
 
 
 class ContextReused(ContextError):
-    reason = "context-reused"
+    reason = Refusal.CONTEXT_REUSED
 
 
-class ContextStoreUnavailable(Exception):
+class ContextStoreUnavailable(CallRefused):
     """The store cannot be reached (e.g. Redis is down); registration answers 503."""
 
-    reason = "context-store-unavailable"
+    reason = Refusal.CONTEXT_STORE_UNAVAILABLE
 
 
 def new_context_id() -> str:

@@ -16,12 +16,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from rapida_tap.reasons import EndReason
+
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.bridge import MediaBridge
     from rapida_tap.media.call import Call
 
 #: the end reason of calls still live when the drain timeout passes
-DRAIN_TIMEOUT = "drain-timeout"
+DRAIN_TIMEOUT = EndReason.DRAIN_TIMEOUT
 
 
 class DrainState(enum.Enum):

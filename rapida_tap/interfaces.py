@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rapida_tap.contexts import CallContext
     from rapida_tap.media.call import Call
+    from rapida_tap.reasons import EndReason
 
 
 class IContextStore(Interface):
@@ -51,8 +52,12 @@ class ICallLeg(Interface):
         "Optional (default 0): frames to send ahead when audio starts, for peers that buffer."
     )
 
-    def send_audio(frame: bytes) -> None:
-        """Write one 20 ms bridge-format frame; called by the pacer, exactly once per tick."""
+    def send_audio(frame: bytes) -> bool:
+        """Write one 20 ms bridge-format frame; called by the pacer, at most once per tick.
+
+        False when the leg did not take it (its connection is closing): the call counts the
+        frame as dropped, never as sent.
+        """
 
     def send_silence() -> None:
         """The pacer had nothing queued for this tick."""
@@ -67,7 +72,7 @@ class ICallLeg(Interface):
         transports that play on receipt, on the peer's acknowledgement otherwise).
         """
 
-    def hangup(reason: str) -> None:
+    def hangup(reason: EndReason) -> None:
         """End the transport side of the call (the call itself is already ending)."""
 
 
@@ -96,5 +101,5 @@ class IAssistantSession(Interface):
     def mark_played(name: str) -> None:
         """The caller has heard everything queued before ``call.mark(name)``."""
 
-    def close(reason: str) -> None:
+    def close(reason: EndReason) -> None:
         """The call ended (for ``reason``); release everything."""

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from rapida_tap import __version__
 from rapida_tap.interfaces import IContextStore
+from rapida_tap.reasons import CallRefused
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.web.server import Request
@@ -55,7 +56,7 @@ class _Totals:
 class NodeCollector(Collector):
     """Reads the node's own counters when Prometheus scrapes.
 
-    ``transports`` maps a transport name to its factory (``connections``, ``refused``);
+    ``transports`` maps a transport name to its ``LegListener`` (``connections``, ``refused``);
     ``replies`` is registration's status -> count; ``store_healthy`` (optional) says whether
     the context store is reachable; ``accepting`` whether the node takes new calls.
     """
@@ -170,9 +171,9 @@ class NodeCollector(Collector):
             "Media connections refused before a call started, by reason.",
             labels=["transport", "reason"],
         )
-        for name, factory in sorted(self._transports.items()):
-            conns.add_metric([name], factory.connections)
-            for reason, count in sorted(factory.refused.items()):
+        for name, listener in sorted(self._transports.items()):
+            conns.add_metric([name], listener.connections)
+            for reason, count in sorted(listener.refused.items()):
                 refused.add_metric([name, reason], count)
         yield conns
         yield refused
@@ -222,7 +223,8 @@ class TimedContextStore:
         def done(result: Any) -> Any:
             outcome = "ok"
             if isinstance(result, Failure):
-                outcome = getattr(result.value, "reason", None) or "error"
+                refused = result.value
+                outcome = refused.reason if isinstance(refused, CallRefused) else "error"
                 if outcome in ("error", "context-store-unavailable"):
                     self._errors.labels(operation).inc()
             elapsed = max(0.0, self._clock.seconds() - started)

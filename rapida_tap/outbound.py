@@ -41,7 +41,7 @@ from rapida_tap.contexts import (
     ContextStoreUnavailable,
     new_context_id,
 )
-from rapida_tap.media.call import API_HANGUP, SHUTDOWN
+from rapida_tap.reasons import EndReason
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.bridge import MediaBridge
@@ -453,7 +453,7 @@ class OutboundCalls:
         record = self._live.get(call.context_id)
         if record is None or record.call is not call:
             return
-        self._finish(record, call.end_reason or SHUTDOWN, call.end_detail, log=False)
+        self._finish(record, call.end_reason or EndReason.SHUTDOWN, call.end_detail, log=False)
 
     def _ring_timed_out(self, record: OutboundCall) -> None:
         record.ring_timer = None
@@ -589,7 +589,7 @@ class OutboundCalls:
             raise CallElsewhere(
                 f"outbound call {context_id} is connected on another node; hang it up there"
             )
-        record.call.end(API_HANGUP, "hung up through the API")
+        record.call.end(EndReason.API_HANGUP, "hung up through the API")
         return record
 
     def _hangup_quietly(self, record: OutboundCall, ari_reason: str) -> Deferred[Any]:
@@ -625,7 +625,7 @@ class OutboundCalls:
         self.accepting = False
         for record in list(self._live.values()):
             if record.status in (ORIGINATING, RINGING):
-                self._finish(record, SHUTDOWN, "the daemon stopped")
+                self._finish(record, EndReason.SHUTDOWN, "the daemon stopped")
                 self._track(self._bridge.contexts.discard(record.context_id))
                 if record.originated:
                     self._hangup_quietly(record, "normal")

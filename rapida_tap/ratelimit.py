@@ -42,3 +42,51 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Bucket:
+    """One token bucket: ``rate`` events per second in bursts of up to ``burst``."""
+
+    __slots__ = ("_at", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = self.burst
+        self._at: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class LogThrottle:
+    """At most one log line per key every ``interval`` seconds; the rest are counted.
+
+    ``allow`` returns None while a key is quiet-listed, else how many lines were held back
+    since the last one (so the line that does get written can say so).  Keys are few (causes,
+    not peers), so memory is bounded by the caller's choice of keys.
+    """
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str, now: float) -> int | None:
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+def held_note(held: int) -> str:
+    """`` (and N more like it)`` for a throttled log line, or nothing."""
+    return f" (and {held} more like it)" if held else ""

@@ -43,6 +43,7 @@ from rapida_tap.contexts import (
     ContextUnknown,
 )
 from rapida_tap.interfaces import IContextStore
+from rapida_tap.reasons import Refusal
 
 DEFAULT_PORT = 6379
 
@@ -87,7 +88,7 @@ class ContextCorrupt(ContextError):
     Refused like any bad context; a claim has still consumed (deleted) it.
     """
 
-    reason = "context-corrupt"
+    reason = Refusal.CONTEXT_CORRUPT
 
 
 @dataclasses.dataclass(frozen=True)

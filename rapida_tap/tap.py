@@ -28,11 +28,11 @@ from rapida_tap.dialplan import audiosocket_dialplan
 from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.media.bridge import MediaBridge
-from rapida_tap.media.call import SHUTDOWN
 from rapida_tap.metrics import NodeCollector, NodeMetrics
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
+from rapida_tap.reasons import EndReason
 from rapida_tap.redis_store import RedisContextStore, RedisURLError
 from rapida_tap.web.admin import DrainResource
 from rapida_tap.web.auth import ApiKeys, generate_api_key
@@ -197,7 +197,7 @@ class BridgeService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.bridge.accepting = False
-        self.bridge.end_all(SHUTDOWN)
+        self.bridge.end_all(EndReason.SHUTDOWN)
         self.bridge.pacer.stop()
 
 
@@ -340,7 +340,10 @@ class Daemon:
             NodeCollector(
                 self.bridge,
                 replies=self.registration.replies,
-                transports={"audiosocket": self.audiosocket, "websocket": self.websocket},
+                transports={
+                    "audiosocket": self.audiosocket.listener,
+                    "websocket": self.websocket.listener,
+                },
                 store_healthy=store_healthy,
             )
         )

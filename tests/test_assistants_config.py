@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from twisted.internet import task
 
+from rapida_tap.assistants.bot_client import UpstreamAssistant
 from rapida_tap.assistants.config import (
     ECHO,
     BotSpec,
@@ -16,7 +17,6 @@ from rapida_tap.assistants.config import (
     redacted_url,
 )
 from rapida_tap.assistants.echo import EchoAssistant
-from rapida_tap.assistants.upstream import UpstreamAssistant
 from rapida_tap.config import ConfigError, build_settings
 
 ENV = {"BOT_TOKEN": "s3cret", "HOST": "bot.example"}

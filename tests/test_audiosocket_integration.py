@@ -9,7 +9,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, Kind, encode_frame
-from rapida_tap.media import call as reasons
+from rapida_tap.reasons import EndReason as reasons
 from tests.fixtures import FIXTURES
 from tests.support import (
     FakeAsterisk,
@@ -51,7 +51,7 @@ class AudioSocketCallTests(TestCase):
         self.assertGreater(audio[-1].at - audio[0].at, 1.8)
         call = self.daemon.bridge.calls[ctx]
         client.transport.loseConnection()
-        reason = yield call.ended
+        reason = yield call.when_ended()
         self.assertEqual(reason, reasons.CALLER_HANGUP)
         self.assertEqual(self.daemon.bridge.calls, {})
         self.assertEqual(len(self.daemon.bridge.pacer), 0)
@@ -171,7 +171,7 @@ class FixtureReplayTests(TestCase):
         sent = [p for k, p, _ in frames if k == Kind.SLIN_8K and any(p)]
         self.assertEqual(echoed[: len(sent) - 1], sent[:-1])  # the short last frame is padded
         client.transport.loseConnection()  # Asterisk's EOF: no 0x00 ever comes
-        reason = yield call.ended
+        reason = yield call.when_ended()
         self.assertEqual(reason, reasons.CALLER_HANGUP)
 
     @defer.inlineCallbacks
@@ -188,7 +188,7 @@ class FixtureReplayTests(TestCase):
         yield wait_until(lambda: call.frames_out >= 50)
         self.assertTrue(any(r.kind == Kind.SLIN_16K for r in client.received))
         client.transport.loseConnection()
-        yield call.ended
+        yield call.when_ended()
 
 
 def _later(seconds: float) -> defer.Deferred[None]:

@@ -14,8 +14,8 @@ from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory, AudioSocketProtocol
 from rapida_tap.audiosocket.wire import HANGUP_FRAME, AudioSocketDecoder, Kind, encode_frame
 from rapida_tap.contexts import CallContext, MemoryContextStore, new_context_id
-from rapida_tap.media import call as reasons
 from rapida_tap.media.bridge import MediaBridge
+from rapida_tap.reasons import EndReason as reasons
 from tests.support import capture_logs
 
 AUDIO = encode_frame(Kind.SLIN_8K, b"\x01\x02" * 160)
@@ -56,7 +56,7 @@ class ProtocolTests(SynchronousTestCase):
 
     def lose(self, proto: AudioSocketProtocol, transport: Transport) -> None:
         """What the reactor does after loseConnection: tell the protocol it is gone."""
-        if transport.disconnecting and proto.factory.connections:
+        if transport.disconnecting and proto.factory.listener.connections:
             proto.connectionLost()
 
     def start_call(self) -> tuple[AudioSocketProtocol, Transport, str]:
@@ -121,11 +121,11 @@ class ProtocolTests(SynchronousTestCase):
         proto, transport = self.connect()
         proto.dataReceived(b"\x99\x00\x00")
         self.assertTrue(transport.disconnecting)
-        self.clock.advance(self.factory.close_timeout)
+        self.clock.advance(self.factory.listener.close_timeout)
         self.assertTrue(transport.aborted)
 
     def test_too_many_connections(self) -> None:
-        self.factory.max_connections = 1
+        self.factory.listener.max_connections = 1
         first, t1 = self.connect()
         second, t2 = self.connect()
         self.assertFalse(t1.disconnecting)
@@ -196,7 +196,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(call.end_reason, reasons.CALLER_HANGUP)
         self.assertEqual(self.bridge.calls, {})
         self.assertEqual(len(self.bridge.pacer), 0)
-        self.assertEqual(self.factory.connections, 0)
+        self.assertEqual(self.factory.listener.connections, 0)
         self.store.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

@@ -11,11 +11,12 @@ from rapida_tap.assistants.echo import EchoAssistant
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.contexts import CallContext, ContextReused, MemoryContextStore, new_context_id
 from rapida_tap.interfaces import IAssistantSession, ICallLeg
-from rapida_tap.media import call as reasons
 from rapida_tap.media.audio import FRAME_BYTES, SILENCE
-from rapida_tap.media.bridge import MediaBridge, NotAccepting, UnknownAssistant
+from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import Call
 from rapida_tap.media.pacer import Pacer
+from rapida_tap.reasons import EndReason as reasons
+from rapida_tap.reasons import NotAccepting, UnknownAssistant
 from tests.support import RecordingSession
 
 
@@ -29,9 +30,10 @@ class FakeLeg:
         self.events: list[tuple[str, str]] = []
         self.call: Call | None = None
 
-    def send_audio(self, frame: bytes) -> None:
+    def send_audio(self, frame: bytes) -> bool:
         assert len(frame) == FRAME_BYTES
         self.out.append(frame)
+        return True
 
     def send_silence(self) -> None:
         self.out.append(SILENCE)
@@ -195,7 +197,7 @@ class CallTests(SynchronousTestCase):
         self.call.play(frame(1) * 20)
         self.call.mark("x")
         results: list[str] = []
-        self.call.ended.addCallback(results.append)
+        self.call.when_ended().addCallback(results.append)
         self.call.end(reasons.CALLER_HANGUP)
         self.call.end(reasons.ASSISTANT_HANGUP)
         self.call.hangup()
@@ -242,7 +244,7 @@ class CallTests(SynchronousTestCase):
         call = self.make_call(FakeLeg())
         call.attach(Bad(), "bad")
         call.end(reasons.CALLER_HANGUP)
-        self.assertTrue(call.ended.called)
+        self.assertTrue(call.is_ended)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 

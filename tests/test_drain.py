@@ -17,8 +17,9 @@ from rapida_tap.audiosocket.wire import Kind
 from rapida_tap.config import Settings
 from rapida_tap.contexts import CallContext, MemoryContextStore, new_context_id
 from rapida_tap.drain import DRAIN_TIMEOUT, Drain, DrainState
-from rapida_tap.media import call as reasons
-from rapida_tap.media.bridge import MediaBridge, NotAccepting
+from rapida_tap.media.bridge import MediaBridge
+from rapida_tap.reasons import EndReason as reasons
+from rapida_tap.reasons import NotAccepting
 from rapida_tap.tap import Daemon
 from tests.support import (
     API_KEY,
@@ -96,7 +97,7 @@ class DrainClockTests(SynchronousTestCase):
         self.assertNoResult(done)
         self.clock.advance(0.1)
         self.successResultOf(done)
-        self.assertEqual(self.successResultOf(call.ended), DRAIN_TIMEOUT)
+        self.assertEqual(self.successResultOf(call.when_ended()), DRAIN_TIMEOUT)
         self.assertIn(("hangup", DRAIN_TIMEOUT), leg.events)
         self.assertEqual(self.bridge.ended_by_reason, {DRAIN_TIMEOUT: 1})
         self.assertIn("drain timeout (30 s): ending 1 call(s)", logs.text())
@@ -109,7 +110,7 @@ class DrainClockTests(SynchronousTestCase):
         self.assertNoResult(done)
         self.clock.advance(0)
         self.successResultOf(done)
-        self.assertEqual(self.successResultOf(call.ended), DRAIN_TIMEOUT)
+        self.assertEqual(self.successResultOf(call.when_ended()), DRAIN_TIMEOUT)
 
 
 # --- real connections ---------------------------------------------------------------------------
@@ -155,7 +156,7 @@ class DrainIntegrationTests(TestCase):
         late = FakeAsterisk(waiting)
         yield connect_audiosocket(self.daemon.as_port, late)
         yield late.closed  # refused: closed without a call
-        self.assertEqual(self.daemon.audiosocket.refused, {"not-accepting": 1})
+        self.assertEqual(self.daemon.audiosocket.listener.refused, {"not-accepting": 1})
         self.assertNotIn(waiting, self.daemon.bridge.calls)
 
         live.received.clear()
@@ -163,7 +164,7 @@ class DrainIntegrationTests(TestCase):
         self.assertFalse(done.called)
         call = self.daemon.bridge.calls[ctx]
         live.transport.loseConnection()
-        self.assertEqual((yield call.ended), reasons.CALLER_HANGUP)
+        self.assertEqual((yield call.when_ended()), reasons.CALLER_HANGUP)
         yield done
         self.assertIs(self.daemon.drain.state, DrainState.DRAINED)
         health = yield get(self.daemon.http_port, "/healthz", key=None)

@@ -20,7 +20,9 @@ from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.config import ConfigError
 from rapida_tap.contexts import OUTBOUND, ContextExpired, ContextReused, MemoryContextStore
 from rapida_tap.media.bridge import MediaBridge
-from rapida_tap.media.call import API_HANGUP, CALLER_HANGUP
+from rapida_tap.reasons import EndReason
+
+API_HANGUP, CALLER_HANGUP = EndReason.API_HANGUP, EndReason.CALLER_HANGUP
 
 ETC = Path(__file__).resolve().parents[1] / "etc"
 PROVIDER = AriProvider(
@@ -35,8 +37,9 @@ class FakeLeg:
     def __init__(self) -> None:
         self.hung_up: list[str] = []
 
-    def send_audio(self, frame: bytes) -> None:
+    def send_audio(self, frame: bytes) -> bool:
         pass
+        return True
 
     def send_silence(self) -> None:
         pass

@@ -1,6 +1,7 @@
 """The shared pacer: one frame per stream per tick, on a drift-free grid, with bounded catch-up."""
 
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from rapida_tap.media.pacer import Pacer
@@ -82,16 +83,35 @@ class PacerTests(SynchronousTestCase):
         self.assertEqual(len(s.ticks), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_a_failing_stream_is_dropped_others_go_on(self) -> None:
+    def test_a_failing_stream_is_told_and_dropped_others_go_on(self) -> None:
+        failures: list[Failure] = []
+
         class Broken:
             def pace(self, catch_up: bool) -> None:
                 raise RuntimeError("boom")
+
+            def pace_failed(self, failure: Failure) -> None:
+                failures.append(failure)
 
         good = Stream(self.clock)
         self.pacer.add(Broken())
         self.pacer.add(good)
         self.clock.pump([0.02] * 3)
         self.assertEqual(len(good.ticks), 3)
+        self.assertEqual(len(self.pacer), 1)
+        self.assertEqual([f.getErrorMessage() for f in failures], ["boom"])
+
+    def test_a_stream_that_fails_to_end_itself_is_still_dropped(self) -> None:
+        class Broken:
+            def pace(self, catch_up: bool) -> None:
+                raise RuntimeError("boom")
+
+            def pace_failed(self, failure: Failure) -> None:
+                raise RuntimeError("worse")
+
+        self.pacer.add(Broken())
+        self.pacer.add(Stream(self.clock))
+        self.clock.pump([0.02] * 2)
         self.assertEqual(len(self.pacer), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 

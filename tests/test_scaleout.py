@@ -11,7 +11,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from rapida_tap.audiosocket.wire import Kind, encode_frame
-from rapida_tap.media import call as reasons
+from rapida_tap.reasons import EndReason as reasons
 from tests.redis_server import RedisServer
 from tests.support import (
     API_KEY,
@@ -68,7 +68,7 @@ class TwoNodesTests(TestCase):
         again = FakeAsterisk(ctx)  # single use, whichever node is asked
         yield connect_audiosocket(self.a.as_port, again)
         yield again.closed
-        self.assertEqual(self.a.audiosocket.refused, {"context-reused": 1})
+        self.assertEqual(self.a.audiosocket.listener.refused, {"context-reused": 1})
         client.transport.loseConnection()
         yield client.closed
 
@@ -87,8 +87,8 @@ class TwoNodesTests(TestCase):
             (open_client,) = [c for c in clients if not c.closed.called]
             open_client.transport.loseConnection()
             yield open_client.closed
-        refused = {**self.a.audiosocket.refused}
-        for reason, count in self.b.audiosocket.refused.items():
+        refused = {**self.a.audiosocket.listener.refused}
+        for reason, count in self.b.audiosocket.listener.refused.items():
             refused[reason] = refused.get(reason, 0) + count
         self.assertEqual(refused, {"context-reused": 15})
 
@@ -110,7 +110,7 @@ class TwoNodesTests(TestCase):
         client = FakeAsterisk(ctx)
         yield connect_audiosocket(self.b.as_port, client)
         yield client.closed
-        self.assertEqual(self.b.audiosocket.refused, {"context-expired": 1})
+        self.assertEqual(self.b.audiosocket.listener.refused, {"context-expired": 1})
 
     @defer.inlineCallbacks
     def test_redis_killed_then_restarted(self) -> Any:
@@ -154,6 +154,6 @@ class TwoNodesTests(TestCase):
 
         call = self.b.bridge.calls[ctx]
         live.transport.loseConnection()
-        self.assertEqual((yield call.ended), reasons.CALLER_HANGUP)
+        self.assertEqual((yield call.when_ended()), reasons.CALLER_HANGUP)
         client.transport.loseConnection()
         yield client.closed

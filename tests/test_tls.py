@@ -240,7 +240,7 @@ class WssTest(unittest.TestCase):
         version = client.transport.getHandle().get_protocol_version_name()
         self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
         client.close_like_asterisk()
-        self.assertEqual((yield call.ended), "caller-hangup")
+        self.assertEqual((yield call.when_ended()), "caller-hangup")
 
     @defer.inlineCallbacks
     def test_tls11_and_plain_clients_are_refused_without_harm(self) -> Any:

@@ -12,12 +12,12 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from rapida_tap.assistants.bot_client import UpstreamAssistant
 from rapida_tap.assistants.config import BotSpec
 from rapida_tap.assistants.upstream import (
     BotTimeout,
     BotUnreachable,
     CallEndedWhileConnecting,
-    UpstreamAssistant,
     UpstreamSession,
     custom_parameters,
     stream_sids,
@@ -25,9 +25,10 @@ from rapida_tap.assistants.upstream import (
 from rapida_tap.contexts import CallContext
 from rapida_tap.interfaces import ICallLeg
 from rapida_tap.media.audio import FRAME_BYTES
-from rapida_tap.media.call import ASSISTANT_FAILED, ASSISTANT_HANGUP, CALLER_HANGUP, Call
+from rapida_tap.media.call import Call
 from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
 from rapida_tap.media.pacer import Pacer
+from rapida_tap.reasons import EndReason
 
 CTX = "5f0c1e2d-3b4a-4c5d-8e6f-7a8b9c0d1e2f"
 SID = "MZ5f0c1e2d3b4a4c5d8e6f7a8b9c0d1e2f"
@@ -50,8 +51,9 @@ class FakeLeg:
         self.hangups: list[str] = []
         self.acknowledges_marks = acknowledges_marks
 
-    def send_audio(self, frame: bytes) -> None:
+    def send_audio(self, frame: bytes) -> bool:
         self.audio.append(frame)
+        return True
 
     def send_silence(self) -> None:
         self.silence += 1
@@ -106,7 +108,7 @@ class Harness:
         self.sent: list[dict[str, Any]] = []
         self.closes: list[tuple[int, str]] = []
         self.ended: list[str] = []
-        self.call.ended.addCallback(self.ended.append)
+        self.call.when_ended().addCallback(self.ended.append)
         self.session = UpstreamSession(self.call, self.spec, self._send, self._close, self.clock)
         self.session.start()
         self.call.attach(self.session, self.spec.name)
@@ -335,7 +337,7 @@ def test_empty_media_plays_nothing() -> None:
 
 def test_caller_hangup_sends_stop_then_closes_once() -> None:
     h = Harness()
-    h.call.end(CALLER_HANGUP)
+    h.call.end(EndReason.CALLER_HANGUP)
     assert h.sent[-1] == {
         "event": "stop",
         "sequenceNumber": "2",
@@ -343,7 +345,7 @@ def test_caller_hangup_sends_stop_then_closes_once() -> None:
         "streamSid": SID,
     }
     assert h.closes == [(1000, "call ended")]
-    h.session.close(CALLER_HANGUP)
+    h.session.close(EndReason.CALLER_HANGUP)
     h.session.bot_closed(True, 1000, "bye")
     h.bot(media(tone_ulaw(1)))
     h.session.audio_received(b"\0\0")
@@ -358,8 +360,8 @@ def test_bot_hangup_plays_its_queued_goodbye_first() -> None:
     assert h.ended == []
     h.ticks(1)
     assert len(h.leg.audio) == 25
-    assert h.ended == [ASSISTANT_HANGUP]
-    assert h.leg.hangups == [ASSISTANT_HANGUP]
+    assert h.ended == [EndReason.ASSISTANT_HANGUP]
+    assert h.leg.hangups == [EndReason.ASSISTANT_HANGUP]
     assert "bot closed the stream (1000 'done')" in h.call.end_detail
     assert "stop" not in h.events() and h.closes == []  # the bot is gone already
     assert len(h.pacer) == 0 and h.clock.getDelayedCalls() == []
@@ -368,7 +370,7 @@ def test_bot_hangup_plays_its_queued_goodbye_first() -> None:
 def test_bot_hangup_with_nothing_queued_ends_at_once() -> None:
     h = Harness()
     h.session.bot_closed(True, None, None)
-    assert h.ended == [ASSISTANT_HANGUP]
+    assert h.ended == [EndReason.ASSISTANT_HANGUP]
     assert h.clock.getDelayedCalls() == []
 
 
@@ -379,17 +381,19 @@ def test_bot_hangup_drain_is_capped_when_the_leg_never_reports_marks() -> None:
     h.ticks(10)
     assert h.ended == []
     h.clock.advance(2.0 + 0.02)
-    assert h.ended == [ASSISTANT_HANGUP]
+    assert h.ended == [EndReason.ASSISTANT_HANGUP]
     assert h.clock.getDelayedCalls() == []
 
 
 def test_caller_hangs_up_while_the_goodbye_drains() -> None:
+    """The bot hung up first: that stays the reason, however the race goes."""
     h = Harness()
     h.bot(media(tone_ulaw(50)))
     h.session.bot_closed(True, 1000, "")
     h.ticks(5)
-    h.call.end(CALLER_HANGUP)
-    assert h.ended == [CALLER_HANGUP]
+    h.call.end(EndReason.CALLER_HANGUP)
+    assert h.ended == [EndReason.ASSISTANT_HANGUP]
+    assert h.call.end_detail == "bot closed the stream (1000)"
     assert h.clock.getDelayedCalls() == []
 
 
@@ -397,24 +401,24 @@ def test_bot_dies_mid_call_ends_the_call_as_failed() -> None:
     h = Harness()
     h.bot(media(tone_ulaw(50)))
     h.session.bot_closed(False, 1006, "peer dropped the TCP connection")
-    assert h.ended == [ASSISTANT_FAILED]
+    assert h.ended == [EndReason.ASSISTANT_FAILED]
     assert h.call.end_detail == (
         "bot wss://bot.example/stream connection lost: peer dropped the TCP connection"
     )
-    assert h.leg.hangups == [ASSISTANT_FAILED]
+    assert h.leg.hangups == [EndReason.ASSISTANT_FAILED]
 
 
 def test_bot_error_close_code_is_a_failure() -> None:
     h = Harness()
     h.session.bot_closed(True, 1011, "internal error")
-    assert h.ended == [ASSISTANT_FAILED]
+    assert h.ended == [EndReason.ASSISTANT_FAILED]
     assert "closed with code 1011 'internal error'" in h.call.end_detail
 
 
 def test_on_failure_continue_hands_the_call_back() -> None:
     h = Harness(on_failure="continue")
     h.session.bot_closed(False, 1006, None)
-    assert h.ended == [ASSISTANT_HANGUP]
+    assert h.ended == [EndReason.ASSISTANT_HANGUP]
     assert h.call.end_detail == (
         "bot wss://bot.example/stream connection lost: no close handshake; on_failure=continue"
     )
@@ -464,27 +468,27 @@ class ConnectHarness(SynchronousTestCase):
         self.assertEqual(str(failure.value), "bot ws://127.0.0.1:9/stream: not connected within 3s")
         self.assertTrue(endpoint.cancelled)
         self.assertFalse(call.is_ended)  # the bridge ends it, as assistant-failed
-        call.end(CALLER_HANGUP)
+        call.end(EndReason.CALLER_HANGUP)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_unreachable(self) -> None:
         call, d = self.make(Refuses())
         failure = self.failureResultOf(d, BotUnreachable)
         self.assertIn("bot ws://127.0.0.1:9/stream: Connection was refused", str(failure.value))
-        call.end(ASSISTANT_FAILED)
+        call.end(EndReason.ASSISTANT_FAILED)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_unreachable_with_on_failure_continue_hands_back(self) -> None:
         call, d = self.make(Refuses(), on_failure="continue")
         self.failureResultOf(d, BotUnreachable)
-        self.assertEqual(call.end_reason, ASSISTANT_HANGUP)
+        self.assertEqual(call.end_reason, EndReason.ASSISTANT_HANGUP)
         self.assertIn("on_failure=continue", call.end_detail)
 
     def test_caller_hangs_up_while_connecting(self) -> None:
         endpoint = NeverConnects()
         call, d = self.make(endpoint)
-        call.end(CALLER_HANGUP)
+        call.end(EndReason.CALLER_HANGUP)
         self.failureResultOf(d, CallEndedWhileConnecting)
         self.assertTrue(endpoint.cancelled)
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(self.leg.hangups, [CALLER_HANGUP])
+        self.assertEqual(self.leg.hangups, [EndReason.CALLER_HANGUP])

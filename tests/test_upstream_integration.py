@@ -10,8 +10,8 @@ from twisted.trial import unittest
 
 from rapida_tap.assistants.upstream import stream_sids
 from rapida_tap.audiosocket.wire import Kind, encode_frame
-from rapida_tap.media.call import ASSISTANT_FAILED, ASSISTANT_HANGUP, CALLER_HANGUP
 from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
+from rapida_tap.reasons import EndReason
 from tests.fake_bot import FakeBot, mute_server, refused_url, self_signed, ulaw_tone
 from tests.support import (
     API_KEY,
@@ -179,7 +179,7 @@ class UpstreamCallTests(unittest.TestCase):
             },
         )
         self.assertEqual((stream.close_code, stream.clean), (1000, True))
-        self.assertEqual(self.ended, [(CALLER_HANGUP, "")])
+        self.assertEqual(self.ended, [(EndReason.CALLER_HANGUP, "")])
 
     @defer.inlineCallbacks
     def test_dtmf_reaches_the_bot(self) -> Any:
@@ -227,7 +227,9 @@ class UpstreamCallTests(unittest.TestCase):
         client.send(encode_frame(Kind.DTMF, b"2"))
         yield client.closed
         self.assert_hung_up(client)
-        self.assertEqual(self.ended, [(ASSISTANT_HANGUP, "bot closed the stream (1000 'goodbye')")])
+        self.assertEqual(
+            self.ended, [(EndReason.ASSISTANT_HANGUP, "bot closed the stream (1000 'goodbye')")]
+        )
         yield stream.closed
         self.assertNotIn("stop", stream.events())
 
@@ -240,7 +242,7 @@ class UpstreamCallTests(unittest.TestCase):
         yield client.closed
         self.assert_hung_up(client)
         [(reason, detail)] = self.ended
-        self.assertEqual(reason, ASSISTANT_FAILED)
+        self.assertEqual(reason, EndReason.ASSISTANT_FAILED)
         self.assertTrue(detail.startswith(f"bot {bot.url} connection lost: "), detail)
 
     @defer.inlineCallbacks
@@ -251,7 +253,7 @@ class UpstreamCallTests(unittest.TestCase):
         yield client.closed
         self.assert_hung_up(client)
         [(reason, detail)] = self.ended
-        self.assertEqual(reason, ASSISTANT_FAILED)
+        self.assertEqual(reason, EndReason.ASSISTANT_FAILED)
         self.assertTrue(detail.startswith(f"bot {url}: "), detail)
         self.assertIn("refused", detail)
 
@@ -263,7 +265,7 @@ class UpstreamCallTests(unittest.TestCase):
         yield client.closed
         self.assert_hung_up(client)
         [(reason, detail)] = self.ended
-        self.assertEqual(reason, ASSISTANT_HANGUP)
+        self.assertEqual(reason, EndReason.ASSISTANT_HANGUP)
         self.assertTrue(detail.endswith("; on_failure=continue"), detail)
 
     @defer.inlineCallbacks
@@ -275,7 +277,9 @@ class UpstreamCallTests(unittest.TestCase):
         client, _ctx = yield self.call(daemon)
         yield client.closed
         self.assert_hung_up(client)
-        self.assertEqual(self.ended, [(ASSISTANT_FAILED, f"bot {url}: not connected within 0.3s")])
+        self.assertEqual(
+            self.ended, [(EndReason.ASSISTANT_FAILED, f"bot {url}: not connected within 0.3s")]
+        )
         self.assertEqual(len(connections), 1)
         yield wait_until(lambda: connections[0].lost)
 
@@ -287,7 +291,7 @@ class UpstreamCallTests(unittest.TestCase):
         yield client.closed
         self.assert_hung_up(client)
         [(reason, detail)] = self.ended
-        self.assertEqual(reason, ASSISTANT_FAILED)
+        self.assertEqual(reason, EndReason.ASSISTANT_FAILED)
         self.assertIn("upgrade failed [403]", detail)
 
     @defer.inlineCallbacks
@@ -298,7 +302,7 @@ class UpstreamCallTests(unittest.TestCase):
         client, _ctx = yield self.call(daemon)
         yield client.closed
         [(reason, detail)] = self.ended
-        self.assertEqual(reason, ASSISTANT_FAILED)
+        self.assertEqual(reason, EndReason.ASSISTANT_FAILED)
         self.assertIn("TLS failed", detail)
         self.assertIn("certificate verify failed", detail)
         self.assertEqual(bot.streams, [])

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rapida_tap.websocket import control as c
+from rapida_tap.websocket import commands as c
+from rapida_tap.websocket import control
+from rapida_tap.websocket.commands import COMMANDS, MarkTracker, build_command
 from rapida_tap.websocket.control import (
-    COMMANDS,
     ControlError,
     ControlFormat,
     DtmfEnd,
     ErrorEvent,
-    MarkTracker,
     MediaBufferingCompleted,
     MediaMarkProcessed,
     MediaStart,
@@ -25,7 +25,6 @@ from rapida_tap.websocket.control import (
     QueueDrained,
     Status,
     UnknownEvent,
-    build_command,
     detect_format,
     parse_event,
 )
@@ -59,11 +58,11 @@ FROM_ASTERISK = _texts("asterisk->daemon")
 FROM_DAEMON = _texts("daemon->asterisk")
 
 
-def _events(file: str) -> list[c.Event]:
+def _events(file: str) -> list[control.Event]:
     return [parse_event(text) for name, _, text, _ in FROM_ASTERISK if name == file]
 
 
-def _first(file: str, kind: type[c.Event]) -> Any:
+def _first(file: str, kind: type[control.Event]) -> Any:
     return next(e for e in _events(file) if isinstance(e, kind))
 
 
@@ -207,7 +206,7 @@ def test_flow_control_json() -> None:
         ),
     ],
 )
-def test_other_event_forms(text: str, expected: c.Event) -> None:
+def test_other_event_forms(text: str, expected: control.Event) -> None:
     assert parse_event(text) == expected
 
 
@@ -629,7 +628,7 @@ def test_tracker_settles_each_sent_mark_exactly_once(sent: list[str], acks: list
 
 # --- properties ---------------------------------------------------------------------------
 
-EVENT_NAMES = [*c._KNOWN_EVENTS, "NEW_THING"]
+EVENT_NAMES = [*control._KNOWN_EVENTS, "NEW_THING"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
     lambda inner: (
@@ -649,7 +648,7 @@ def _parses_or_control_error(text: str) -> None:
     except ControlError as e:
         assert "\n" not in str(e)
     else:
-        assert isinstance(event, c.Event)
+        assert isinstance(event, control.Event)
 
 
 @given(st.text(max_size=300))

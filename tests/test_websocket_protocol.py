@@ -19,14 +19,9 @@ from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.contexts import CallContext, ContextStoreUnavailable, MemoryContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import Call
-from rapida_tap.websocket.protocol import (
-    XON_BURST,
-    BadContextId,
-    MediaWebSocketFactory,
-    MediaWebSocketProtocol,
-    State,
-    context_id_from,
-)
+from rapida_tap.media.lifecycle import Phase
+from rapida_tap.websocket.handshake import BadContextId, context_id_from
+from rapida_tap.websocket.protocol import XON_BURST, MediaWebSocketFactory, MediaWebSocketProtocol
 from tests import fake_chan_websocket as fc
 from tests.support import LogCapture, RecordingAssistant, RecordingSession, tone
 
@@ -99,7 +94,10 @@ class Leg:
         self.head = b""
         self.frames: list[tuple[int, bytes]] = []
         self.logs = LogCapture()
-        self.proto.daemon_log = Logger(observer=self.logs)  # this leg's lines only
+        logger = Logger(observer=self.logs)  # this leg's lines only
+        self.factory.listener.log = logger
+        assert self.proto.lifecycle is not None
+        self.proto.lifecycle.log = logger
 
     def handshake(self, path: str = f"/v1/talk/asterisk/ctx?ctx={CTX}", **kw: Any) -> bytes:
         self.proto.dataReceived(fc.upgrade_request(path, **kw))
@@ -282,7 +280,7 @@ def test_plain_text_commands_for_a_plain_text_call() -> None:
     assert leg.close_code() == 1000
 
 
-def test_xoff_holds_then_xon_bursts_and_drains_two_per_tick() -> None:
+def test_xoff_holds_the_calls_queue_then_xon_bursts_and_paces_the_rest() -> None:
     leg = Leg(lead_frames=0)
     call = leg.start()
     leg.send(fc.TEXT, '{"event":"MEDIA_XOFF","channel_id":"1"}')
@@ -290,28 +288,32 @@ def test_xoff_holds_then_xon_bursts_and_drains_two_per_tick() -> None:
     call.mark("end")
     leg.tick(XON_BURST + 10)
     assert leg.audio() == [] and leg.texts() == []
+    assert call.queued_frames == XON_BURST + 10  # held in the call, not in the leg
+    assert call.frames_out == 0 and call.silence_out == 0
     leg.send(fc.TEXT, '{"event":"MEDIA_XON","channel_id":"1"}')
-    assert len(leg.audio()) == XON_BURST
-    leg.tick(5)  # the call's queue is empty: silence ticks work off the rest
+    leg.tick()
+    assert len(leg.audio()) == XON_BURST + 1
+    leg.tick(9)
     assert len(leg.audio()) == XON_BURST + 10
+    assert call.frames_out == XON_BURST + 10
     mark = json.loads(leg.texts()[-1])
     assert mark == {"command": "MARK_MEDIA", "correlation_id": "m1"}
 
 
-def test_xoff_hold_is_bounded_and_flush_settles_held_marks() -> None:
-    leg = Leg(lead_frames=0, xoff_hold_frames=5)
+def test_a_flush_during_xoff_settles_the_held_marks() -> None:
+    leg = Leg(lead_frames=0)
     call = leg.start()
     leg.send(fc.TEXT, "MEDIA_XOFF")
     call.play(b"".join(tone(8)))
     call.mark("held")
     leg.tick(8)
-    assert leg.proto.held_dropped == 3
-    assert leg.text().count("dropping audio") == 1
     call.clear()
     assert leg.texts() == ['{"command": "FLUSH_MEDIA"}']
     assert leg.session.marks == ["held"]
     leg.send(fc.TEXT, "MEDIA_XON")
+    leg.tick(3)
     assert leg.audio() == []
+    assert leg.proto.xoff_count == 1
 
 
 def test_unknown_events_errors_and_a_second_start_are_logged_not_fatal() -> None:
@@ -392,7 +394,8 @@ def test_daemon_hangup_sends_hangup_then_close_and_aborts_a_peer_that_never_answ
     call.hangup()
     assert leg.texts() == ['{"command": "HANGUP"}']
     assert leg.close_code() == 1000
-    assert leg.proto.phase is State.CLOSED
+    assert leg.proto.phase is Phase.CLOSING
+    call.play(b"".join(tone(3)))  # nothing more reaches a closing connection
     leg.clock.advance(2)
     assert leg.transport.disconnected
 
@@ -406,7 +409,7 @@ def test_close_frame_then_reset_is_a_caller_hangup() -> None:
     leg.send(fc.CLOSE, fc.close_payload(1000))
     leg.proto.connectionLost(Failure(ConnectionLost("reset by peer")))
     assert call.end_reason == "caller-hangup"
-    assert leg.factory.connections == 0
+    assert leg.factory.listener.connections == 0
     left = [c for c in leg.clock.getDelayedCalls() if getattr(c.func, "__self__", None) is not None]
     assert [c for c in left if c.func.__self__ in (leg.proto, call, leg.bridge.pacer)] == []
 

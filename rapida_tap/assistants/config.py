@@ -229,7 +229,7 @@ def _string_table(value: Any, where: str) -> dict[str, str]:
 
 def build_registry(spec: AssistantsSpec, reactor: Any) -> AssistantRegistry:
     """One assistant object per spec (calls share it); the reactor is the bots' clock."""
-    from rapida_tap.assistants.upstream import UpstreamAssistant
+    from rapida_tap.assistants.bot_client import UpstreamAssistant
 
     echo = EchoAssistant()
 

@@ -10,23 +10,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rapida_tap.media.call import ASSISTANT_FAILED, SHUTDOWN, Call
+from rapida_tap.media.call import Call
 from rapida_tap.media.pacer import Pacer
+from rapida_tap.reasons import EndReason, NotAccepting, UnknownAssistant
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.assistants.registry import AssistantRegistry
     from rapida_tap.contexts import CallContext
     from rapida_tap.interfaces import IAssistantSession, ICallLeg, IContextStore
-
-
-class NotAccepting(Exception):
-    """The node is draining or stopping: new calls are refused."""
-
-    reason = "not-accepting"
-
-
-class UnknownAssistant(Exception):
-    reason = "unknown-assistant"
 
 
 class MediaBridge:
@@ -56,7 +47,7 @@ class MediaBridge:
         self.accepting = True
         self.calls: dict[str, Call] = {}
         self.calls_total = 0
-        self.ended_by_reason: dict[str, int] = {}
+        self.ended_by_reason: dict[EndReason, int] = {}
         self.call_started: list[Callable[[Call], None]] = []
         self.call_ended: list[Callable[[Call], None]] = []
 
@@ -84,14 +75,15 @@ class MediaBridge:
         self.calls_total += 1
         self.log.info(
             "call {ctx} started: assistant={assistant_id} caller={caller!r} "
-            "transport={transport} direction={direction}",
+            "transport={transport} direction={direction}{detail}",
             ctx=context.context_id,
             assistant_id=context.assistant_id,
             caller=context.caller,
             transport=leg.transport_name,
             direction=context.direction,
+            detail=getattr(leg, "detail", ""),
         )
-        call.ended.addCallback(self._ended, call)
+        call.when_ended().addCallback(self._ended, call)
         for hook in self.call_started:
             hook(call)
         d = defer.maybeDeferred(assistant.connect, call)
@@ -103,9 +95,9 @@ class MediaBridge:
         call.attach(session, name)
 
     def _assistant_failed(self, failure: Failure, call: Call) -> None:
-        call.end(ASSISTANT_FAILED, failure.getErrorMessage() or repr(failure.value))
+        call.end(EndReason.ASSISTANT_FAILED, failure.getErrorMessage() or repr(failure.value))
 
-    def _ended(self, reason: str, call: Call) -> str:
+    def _ended(self, reason: EndReason, call: Call) -> EndReason:
         self.calls.pop(call.context_id, None)
         self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
         self.log.info(
@@ -127,7 +119,7 @@ class MediaBridge:
             hook(call)
         return reason
 
-    def end_all(self, reason: str = SHUTDOWN) -> None:
+    def end_all(self, reason: EndReason = EndReason.SHUTDOWN) -> None:
         """End every live call (service stop, end of a drain)."""
         for call in list(self.calls.values()):
             call.end(reason)

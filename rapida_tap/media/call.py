@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from rapida_tap.media.audio import FRAME_BYTES
+from rapida_tap.reasons import EndReason
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.contexts import CallContext
@@ -18,25 +20,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TRIM_WINDOW = 50  # ticks (1 s) a backlog must stand before real-time audio is caught up
 
-# End reasons: the first word of every "call ended" log line and a metrics label.
-CALLER_HANGUP = "caller-hangup"
-ASSISTANT_HANGUP = "assistant-hangup"
-ASSISTANT_FAILED = "assistant-failed"
-IDLE_TIMEOUT = "idle-timeout"
-PEER_NOT_READING = "peer-not-reading"
-PROTOCOL_ERROR = "protocol-error"
-TRANSPORT_ERROR = "transport-error"
-SHUTDOWN = "shutdown"
-API_HANGUP = "api-hangup"
-
 
 class Call:
     """Joins one transport leg and one assistant session, and ends exactly once.
 
     Audio from the assistant (``play``) is cut into 20 ms frames and queued; the shared pacer
     calls ``pace`` once per tick, which writes one frame (or silence) to the leg.  Audio from the
-    leg (``audio_received``) goes straight to the session.  ``ended`` fires once with the reason,
-    whoever ends the call, after which nothing of the call is left in the pacer or the reactor.
+    leg (``audio_received``) goes straight to the session.
+
+    Flow control lives here and nowhere else: one queue (bounded, overflow counted), marks
+    settled by queue position, and ``pause``/``resume`` from a leg that cannot take data (its
+    peer's XOFF, a full kernel buffer).  A frame the leg did not take is counted as dropped,
+    never as sent.
+
+    The call ends once, for its *first cause*: ``ending`` records a cause whose end is delayed
+    (a bot that hung up while its last words still play), and a later ``end`` for another
+    reason keeps it.  An exception from the session or the leg ends the call as
+    ``internal-error`` with one traceback in the log, so no call outlives a bug.
     """
 
     log = Logger()
@@ -58,22 +58,27 @@ class Call:
         self._clock = clock
         self._pacer = pacer
         self.started_at = clock.seconds()
-        self.ended: defer.Deferred[str] = defer.Deferred()
-        self.end_reason: str | None = None
+        self._waiters: list[defer.Deferred[EndReason]] = []
+        self.end_reason: EndReason | None = None
         self.end_detail = ""
+        self._cause: tuple[EndReason, str] | None = None
         self._queue: collections.deque[bytes] = collections.deque()
         self._partial = b""
         self._max_queue = max_queue_frames
         self._queued = 0  # frames ever queued (mark positions count in these)
-        self._sent = 0  # queued frames written to the leg
+        self._sent = 0  # queued frames handed to the leg (taken or dropped)
         self._marks: collections.deque[tuple[int, str]] = collections.deque()
         self._playing = False
         self._gap_open = False
+        self._paused = False
+        self._burst = 0  # frames to send at once on the next tick (after a resume)
         self.frames_in = 0
         self.frames_out = 0
         self.silence_out = 0
         self.underruns = 0
         self.overflow_frames = 0
+        self.dropped_frames = 0
+        self.pauses = 0
         self._lead = int(getattr(leg, "lead_frames", 0))
         self.trim_backlog = False  # set by real-time sources (echo): see _backlog_standing
         self._backlog_min = 0
@@ -99,22 +104,34 @@ class Call:
     def queued_frames(self) -> int:
         return len(self._queue)
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def duration(self) -> float:
         return self._clock.seconds() - self.started_at
+
+    def when_ended(self) -> defer.Deferred[EndReason]:
+        """A Deferred of its own for each waiter, fired with the end reason."""
+        if self.end_reason is not None:
+            return defer.succeed(self.end_reason)
+        d: defer.Deferred[EndReason] = defer.Deferred()
+        self._waiters.append(d)
+        return d
 
     # -- the assistant side --------------------------------------------------------------
 
     def attach(self, session: IAssistantSession, name: str) -> None:
         """The assistant is connected: from now on caller audio reaches it."""
-        if self.is_ended:
-            session.close(self.end_reason or SHUTDOWN)
+        if self.end_reason is not None:
+            session.close(self.end_reason)
             return
         self.session = session
         self.assistant_name = name
 
     def play(self, pcm: bytes) -> None:
         """Queue assistant audio (bridge format, any length) for paced playback."""
-        if self.is_ended or not pcm:
+        if self.end_reason is not None or not pcm:
             return
         if self._gap_open:
             self.underruns += 1
@@ -137,27 +154,28 @@ class Call:
 
     def mark(self, name: str) -> None:
         """Report ``name`` through ``mark_played`` once everything queued so far was played."""
-        if self.is_ended:
+        if self.end_reason is not None:
             return
         self._flush_partial()
         if self._queued == self._sent:
-            self.leg.send_mark(name)
+            self._guard(self.leg.send_mark, name)
         else:
             self._marks.append((self._queued, name))
 
     def clear(self) -> None:
         """Barge-in: drop queued audio at once; pending marks are settled as played."""
-        if self.is_ended:
+        if self.end_reason is not None:
             return
         self._queue.clear()
         self._partial = b""
         self._sent = self._queued
         self._playing = False
-        self.leg.send_clear()
-        while self._marks:
+        self._burst = 0
+        self._guard(self.leg.send_clear)
+        while self._marks and self.end_reason is None:
             self.mark_played(self._marks.popleft()[1])
 
-    def hangup(self, reason: str = ASSISTANT_HANGUP, detail: str = "") -> None:
+    def hangup(self, reason: EndReason = EndReason.ASSISTANT_HANGUP, detail: str = "") -> None:
         """The assistant ends the call."""
         self.end(reason, detail)
 
@@ -168,17 +186,31 @@ class Call:
         self.frames_in += 1
         session = self.session
         if session is not None:
-            session.audio_received(pcm)
+            try:
+                session.audio_received(pcm)
+            except Exception:
+                self.fail("the assistant session failed on caller audio")
 
     def dtmf_received(self, digit: str) -> None:
         self.frames_in += 1
         if self.session is not None:
-            self.session.dtmf_received(digit)
+            self._guard(self.session.dtmf_received, digit)
 
     def mark_played(self, name: str) -> None:
         """The leg reports that the caller heard everything before mark ``name``."""
-        if self.session is not None and not self.is_ended:
-            self.session.mark_played(name)
+        if self.session is not None and self.end_reason is None:
+            self._guard(self.session.mark_played, name)
+
+    def pause(self) -> None:
+        """The leg cannot take data (XOFF, full buffer): hold the queue, send nothing."""
+        if not self._paused:
+            self._paused = True
+            self.pauses += 1
+
+    def resume(self, burst: int = 0) -> None:
+        """The leg takes data again; a peer that buffers may take ``burst`` frames at once."""
+        self._paused = False
+        self._burst = burst
 
     # -- pacing --------------------------------------------------------------------------
 
@@ -187,13 +219,18 @@ class Call:
 
         A leg whose peer buffers (chan_websocket) may ask for ``lead_frames``: when audio starts
         after silence, that many extra frames go out at once, so the peer's own clock never
-        runs dry between two of ours.
+        runs dry between two of ours.  While paused nothing goes out, not even silence.
         """
+        if self._paused:
+            return
         queue = self._queue
         if queue:
-            if not self._playing and self._lead:
-                for _ in range(min(self._lead, len(queue) - 1)):
-                    self._write(queue.popleft())
+            extra = self._burst
+            if not self._playing and self._lead > extra:
+                extra = self._lead
+            self._burst = 0
+            for _ in range(min(extra, len(queue) - 1)):
+                self._write(queue.popleft())
             self._write(queue.popleft())
             if self.trim_backlog and self._backlog_standing(len(queue)):
                 catch_up = True
@@ -212,6 +249,10 @@ class Call:
             self._gap_open = self._playing
             self._playing = False
             self.leg.send_silence()
+
+    def pace_failed(self, failure: Failure) -> None:
+        """The pacer caught an exception from ``pace``: a bug, so the call ends."""
+        self.fail("pacing the call failed", failure)
 
     def _backlog_standing(self, backlog: int) -> bool:
         """For real-time sources: has a backlog stood for a whole trim window?
@@ -235,10 +276,12 @@ class Call:
 
     def _write(self, frame: bytes) -> None:
         self._sent += 1
-        self.frames_out += 1
         self._playing = True
         self._gap_open = False
-        self.leg.send_audio(frame)
+        if self.leg.send_audio(frame):
+            self.frames_out += 1
+        else:
+            self.dropped_frames += 1
 
     def _flush_partial(self) -> None:
         if self._partial:
@@ -248,7 +291,7 @@ class Call:
 
     def _settle_marks(self) -> None:
         marks = self._marks
-        while marks and marks[0][0] <= self._sent:
+        while marks and marks[0][0] <= self._sent and self.end_reason is None:
             self.leg.send_mark(marks.popleft()[1])
 
     # -- ending --------------------------------------------------------------------------
@@ -262,14 +305,42 @@ class Call:
             self._idle_seen = seen
             self._idle_since = now
         if now - self._idle_since >= self._idle_timeout - 1e-9:
-            self.end(IDLE_TIMEOUT, f"nothing from caller or assistant for {self._idle_timeout:g}s")
+            self.end(
+                EndReason.IDLE_TIMEOUT,
+                f"nothing from caller or assistant for {self._idle_timeout:g}s",
+            )
             return
         self._idle_timer = self._clock.callLater(self._idle_timeout / 4, self._check_idle)
 
-    def end(self, reason: str, detail: str = "") -> None:
-        """End the call once; later calls are ignored.  Closes both sides, frees everything."""
+    def _guard(self, method: object, *args: object) -> None:
+        """Call a session or leg method; an exception from it ends the call."""
+        try:
+            method(*args)  # type: ignore[operator]
+        except Exception:
+            self.fail(f"{getattr(method, '__qualname__', method)} failed")
+
+    def fail(self, what: str, failure: Failure | None = None) -> None:
+        """A bug in a leg or a session: one traceback in the log, the call ends once."""
         if self.end_reason is not None:
             return
+        failure = failure if failure is not None else Failure()
+        self.log.failure("call {ctx}: {what}", failure, ctx=self.context_id, what=what)
+        self.end(EndReason.INTERNAL_ERROR, f"{what}: {failure.getErrorMessage()[:120]}")
+
+    def ending(self, reason: EndReason, detail: str = "") -> None:
+        """Record the first cause of an end that comes later (e.g. after a last prompt)."""
+        if self._cause is None and self.end_reason is None:
+            self._cause = (reason, detail)
+
+    def end(self, reason: EndReason, detail: str = "") -> None:
+        """End the call once; later calls are ignored.  Closes both sides, frees everything.
+
+        An earlier ``ending`` wins over ``reason``: the call ends for its first cause.
+        """
+        if self.end_reason is not None:
+            return
+        if self._cause is not None:
+            reason, detail = self._cause
         self.end_reason = reason
         self.end_detail = detail
         self._pacer.remove(self)
@@ -289,4 +360,6 @@ class Call:
             self.leg.hangup(reason)
         except Exception:
             self.log.failure("call {ctx}: transport hangup failed", ctx=self.context_id)
-        self.ended.callback(reason)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(reason)

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from rapida_tap.media.audio import FRAME_SECONDS
 
@@ -26,6 +27,9 @@ _TOLERANCE = 0.1
 class Paced(Protocol):
     def pace(self, catch_up: bool) -> None:
         """Write this tick's frame (and, when ``catch_up``, one owed frame if audio is queued)."""
+
+    def pace_failed(self, failure: Failure) -> None:
+        """``pace`` raised: end the stream (it is a bug, and the stream must not go silent)."""
 
 
 class Pacer:
@@ -84,6 +88,14 @@ class Pacer:
             self._timer.cancel()
         self._timer = None
 
+    def _stream_failed(self, stream: Paced, failure: Failure) -> None:
+        """Hand the failure to its stream, which ends itself; drop it if even that fails."""
+        try:
+            stream.pace_failed(failure)
+        except Exception:
+            self.log.failure("pacing a stream failed, and so did ending it; dropping it")
+        self._streams.pop(stream, None)
+
     def _tick(self) -> None:
         now = self._clock.seconds()
         due = math.floor((now - self._start) / self.interval + _TOLERANCE)
@@ -105,8 +117,7 @@ class Pacer:
             try:
                 stream.pace(catch_up)
             except Exception:
-                self.log.failure("pacing a stream failed; dropping it")
-                self._streams.pop(stream, None)
+                self._stream_failed(stream, Failure())
         if self._streams:
             delay = self._start + self._next * self.interval - _EARLY - self._clock.seconds()
             self._timer = self._clock.callLater(max(delay, 0.0), self._tick)

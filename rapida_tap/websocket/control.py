@@ -3,8 +3,7 @@
 Asterisk's chan_websocket speaks either plain text (``f(plain-text)``, its default) or JSON
 (``f(json)``) on the TEXT frames of the media WebSocket; binary frames carry the audio and are
 not handled here.  This module turns event texts from Asterisk into small frozen dataclasses
-(``parse_event``) and builds the exact command texts to send (``build_command`` and one helper
-per command), and ``MarkTracker`` keeps the daemon's view of ``MARK_MEDIA`` marks in flight.
+(``parse_event``); ``rapida_tap.websocket.commands`` builds what the daemon sends.
 
 Wire facts this relies on (``docs/protocols.md`` section 3 and Asterisk's
 ``channels/chan_websocket.c``):
@@ -26,24 +25,18 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 __all__ = [
-    "COMMANDS",
-    "MAX_COMMAND_BYTES",
-    "MAX_CORRELATION_ID_LENGTH",
     "MAX_EVENT_LENGTH",
-    "CommandSpec",
     "ControlError",
     "ControlFormat",
     "DtmfEnd",
     "ErrorEvent",
     "Event",
-    "MarkTracker",
     "MediaBufferingCompleted",
     "MediaMarkProcessed",
     "MediaStart",
@@ -52,27 +45,12 @@ __all__ = [
     "QueueDrained",
     "Status",
     "UnknownEvent",
-    "answer",
-    "build_command",
-    "continue_media",
     "detect_format",
-    "flush_media",
-    "get_status",
-    "hangup",
-    "mark_media",
     "parse_event",
-    "pause_media",
-    "report_queue_drained",
-    "set_media_direction",
-    "start_media_buffering",
-    "stop_media_buffering",
 ]
 
-MAX_COMMAND_BYTES = 128
 """Asterisk's ``MAX_TEXT_MESSAGE_LEN``: longer TEXT messages are dropped without a reply."""
 
-MAX_CORRELATION_ID_LENGTH = 64
-"""Our own bound on mark ids (characters), well inside ``MAX_COMMAND_BYTES`` in either format."""
 
 MAX_EVENT_LENGTH = 4096
 """Default bound on an incoming event text, in characters.  ``MEDIA_START`` in JSON carries
@@ -80,10 +58,8 @@ every channel variable of the call (about 430 characters in the lab); raise it w
 ``parse_event(..., max_length=...)`` for dialplans that set many inheritable variables."""
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_CORRELATION_ID_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
 _UINT_RE = re.compile(r"[0-9]{1,9}")
 _DTMF_DIGITS = frozenset("0123456789*#ABCD")
-_MEDIA_DIRECTIONS = ("both", "in", "out")
 
 
 class ControlError(Exception):
@@ -234,7 +210,7 @@ def parse_event(text: str, max_length: int = MAX_EVENT_LENGTH) -> Event:
     return _parse_plain_event(text)
 
 
-def _short(value: object) -> str:
+def shorten(value: object) -> str:
     shown = repr(value)
     return shown if len(shown) <= 40 else shown[:37] + "..."
 
@@ -254,7 +230,7 @@ class _Fields:
         self.fmt = fmt
 
     def bad(self, key: str, wanted: str, value: object) -> ControlError:
-        return ControlError(f"{self.event}: field {key!r} must be {wanted}, got {_short(value)}")
+        return ControlError(f"{self.event}: field {key!r} must be {wanted}, got {shorten(value)}")
 
     def _get(self, key: str, default: object) -> object:
         value = self.values.get(key, default)
@@ -350,7 +326,7 @@ _PLAIN_TAIL_FIELD = {"ERROR": "error_text"}
 
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ControlError(f"not a valid event name: {_short(name)}")
+        raise ControlError(f"not a valid event name: {shorten(name)}")
     return name
 
 
@@ -358,7 +334,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ControlError(f"duplicate JSON key {_short(key)}")
+            raise ControlError(f"duplicate JSON key {shorten(key)}")
         result[key] = value
     return result
 
@@ -371,7 +347,7 @@ def _parse_json_event(text: str) -> Event:
     except (ValueError, RecursionError) as e:  # e.g. int digit limit, nesting depth
         raise ControlError(f"invalid JSON: {type(e).__name__}") from None
     if not isinstance(obj, dict):
-        raise ControlError(f"JSON control message is not an object: {_short(obj)}")
+        raise ControlError(f"JSON control message is not an object: {shorten(obj)}")
     if "event" not in obj:
         raise ControlError("JSON control message has no 'event' member")
     name = _check_name(obj["event"])
@@ -416,7 +392,7 @@ def _plain_fields(event: str, rest: str, tail_key: str | None) -> dict[str, obje
         key, colon, value = match.group().partition(":")
         if not colon or not key:
             if event in _KNOWN_EVENTS:
-                raise ControlError(f"{event}: expected key:value, got {_short(match.group())}")
+                raise ControlError(f"{event}: expected key:value, got {shorten(match.group())}")
             continue
         if key in values:
             raise ControlError(f"{event}: duplicate field {key!r}")
@@ -425,194 +401,3 @@ def _plain_fields(event: str, rest: str, tail_key: str | None) -> dict[str, obje
             break
         values[key] = value
     return values
-
-
-# --- commands -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CommandSpec:
-    """A command's one parameter (if any), whether it is required, and format limits."""
-
-    param: str | None = None
-    required: bool = False
-    json_only: bool = False
-
-
-COMMANDS: Mapping[str, CommandSpec] = MappingProxyType(
-    {
-        "ANSWER": CommandSpec(),
-        "HANGUP": CommandSpec(),
-        "START_MEDIA_BUFFERING": CommandSpec(),
-        "STOP_MEDIA_BUFFERING": CommandSpec("correlation_id"),
-        "MARK_MEDIA": CommandSpec("correlation_id", required=True),
-        "FLUSH_MEDIA": CommandSpec(),
-        "REPORT_QUEUE_DRAINED": CommandSpec(),
-        "GET_STATUS": CommandSpec(),
-        "PAUSE_MEDIA": CommandSpec(),
-        "CONTINUE_MEDIA": CommandSpec(),
-        "SET_MEDIA_DIRECTION": CommandSpec("direction", required=True, json_only=True),
-    }
-)
-"""Every command chan_websocket understands, with its one optional or required parameter."""
-
-
-def _check_correlation_id(correlation_id: object) -> str:
-    if not isinstance(correlation_id, str):
-        raise ControlError(f"correlation id must be a string, got {_short(correlation_id)}")
-    if len(correlation_id) > MAX_CORRELATION_ID_LENGTH:
-        raise ControlError(
-            f"correlation id too long ({len(correlation_id)} > "
-            f"{MAX_CORRELATION_ID_LENGTH} characters)"
-        )
-    if not _CORRELATION_ID_RE.fullmatch(correlation_id):
-        raise ControlError(
-            f"correlation id must be printable ASCII without spaces, got {_short(correlation_id)}"
-        )
-    return correlation_id
-
-
-def build_command(fmt: ControlFormat, name: str, **params: str) -> str:
-    """The exact text to send to Asterisk for command ``name`` (see ``COMMANDS``).
-
-    JSON is ``json.dumps`` of ``{"command": name, param: value}``; plain text is ``NAME`` or
-    ``NAME value``.  Raises ``ControlError`` for an unknown command or parameter, a missing or
-    invalid parameter, ``SET_MEDIA_DIRECTION`` in plain text, or a result over 128 bytes
-    (Asterisk would drop it silently).
-    """
-    if fmt not in (ControlFormat.JSON, ControlFormat.PLAIN_TEXT):
-        raise ControlError(f"unknown control format {_short(fmt)}")
-    fmt = ControlFormat(fmt)
-    spec = COMMANDS.get(name)
-    if spec is None:
-        raise ControlError(f"unknown command {_short(name)}")
-    unexpected = sorted(set(params) - {spec.param})
-    if unexpected:
-        raise ControlError(f"{name}: unexpected parameter {unexpected[0]!r}")
-    if spec.json_only and fmt is not ControlFormat.JSON:
-        raise ControlError(f"{name} is only supported in JSON format")
-    value = params.get(spec.param) if spec.param else None
-    if value is None and spec.required:
-        raise ControlError(f"{name}: missing parameter {spec.param!r}")
-    if value is not None:
-        if spec.param == "direction":
-            if value not in _MEDIA_DIRECTIONS:
-                raise ControlError(f"{name}: direction must be both, in or out: {_short(value)}")
-        else:
-            _check_correlation_id(value)
-    if fmt is ControlFormat.JSON:
-        obj = {"command": name}
-        if value is not None and spec.param:
-            obj[spec.param] = value
-        text = json.dumps(obj)
-    else:
-        text = name if value is None else f"{name} {value}"
-    size = len(text.encode("utf-8"))
-    if size > MAX_COMMAND_BYTES:
-        raise ControlError(
-            f"{name}: command is {size} bytes, Asterisk ignores more than {MAX_COMMAND_BYTES}"
-        )
-    return text
-
-
-def answer(fmt: ControlFormat) -> str:
-    """Answer the channel (only needed with the dial option ``n``)."""
-    return build_command(fmt, "ANSWER")
-
-
-def hangup(fmt: ControlFormat) -> str:
-    """Ask Asterisk to hang the channel up; it then closes the WebSocket with 1000."""
-    return build_command(fmt, "HANGUP")
-
-
-def start_media_buffering(fmt: ControlFormat) -> str:
-    """Audio that follows may be split across messages at any byte; Asterisk re-frames it."""
-    return build_command(fmt, "START_MEDIA_BUFFERING")
-
-
-def stop_media_buffering(fmt: ControlFormat, correlation_id: str | None = None) -> str:
-    """End buffering; Asterisk answers ``MEDIA_BUFFERING_COMPLETED`` with ``correlation_id``."""
-    if correlation_id is None:
-        return build_command(fmt, "STOP_MEDIA_BUFFERING")
-    return build_command(fmt, "STOP_MEDIA_BUFFERING", correlation_id=correlation_id)
-
-
-def mark_media(fmt: ControlFormat, correlation_id: str) -> str:
-    """Queue a mark behind the audio sent so far; reported once that audio has played."""
-    return build_command(fmt, "MARK_MEDIA", correlation_id=correlation_id)
-
-
-def flush_media(fmt: ControlFormat) -> str:
-    """Barge-in: drop every queued frame and every queued mark (those are never reported)."""
-    return build_command(fmt, "FLUSH_MEDIA")
-
-
-def report_queue_drained(fmt: ControlFormat) -> str:
-    """Ask for one ``QUEUE_DRAINED`` when the outbound queue next runs empty."""
-    return build_command(fmt, "REPORT_QUEUE_DRAINED")
-
-
-def get_status(fmt: ControlFormat) -> str:
-    """Ask for a ``STATUS`` event (answered at once, not in queue order)."""
-    return build_command(fmt, "GET_STATUS")
-
-
-def pause_media(fmt: ControlFormat) -> str:
-    """Stop playing the queue (it keeps filling); ``CONTINUE_MEDIA`` resumes."""
-    return build_command(fmt, "PAUSE_MEDIA")
-
-
-def continue_media(fmt: ControlFormat) -> str:
-    """Resume playing after ``PAUSE_MEDIA``."""
-    return build_command(fmt, "CONTINUE_MEDIA")
-
-
-def set_media_direction(fmt: ControlFormat, direction: str) -> str:
-    """Change media direction to ``both``, ``in`` or ``out`` (JSON format only)."""
-    return build_command(fmt, "SET_MEDIA_DIRECTION", direction=direction)
-
-
-# --- marks --------------------------------------------------------------------------------
-
-
-class MarkTracker:
-    """The daemon's record of ``MARK_MEDIA`` marks sent and not yet settled, in send order.
-
-    Asterisk queues each mark in the same FIFO as the audio and reports it when it reaches the
-    head, so marks are reported strictly in send order.  An ack for ``X`` therefore settles
-    ``X`` *and every mark sent before it*: an earlier mark still pending can only have been
-    lost (never reported, e.g. dropped by a flush the tracker was not told about), and its
-    audio, being ahead of ``X``'s, has played.  Duplicate ids are allowed; an ack settles the
-    oldest pending one.  ``FLUSH_MEDIA`` drops queued marks silently, so ``flushed()`` settles
-    all of them.
-    """
-
-    def __init__(self) -> None:
-        self._pending: deque[str] = deque()
-
-    @property
-    def pending(self) -> tuple[str, ...]:
-        """Marks sent and not yet settled, oldest first."""
-        return tuple(self._pending)
-
-    def sent(self, correlation_id: str) -> None:
-        """Record a mark just sent to Asterisk."""
-        self._pending.append(correlation_id)
-
-    def processed(self, correlation_id: str) -> tuple[str, ...]:
-        """Handle ``MEDIA_MARK_PROCESSED``: return the ids settled now, oldest first.
-
-        An empty tuple means the id is not pending (never sent, already settled or flushed):
-        the caller should log it and otherwise ignore it.
-        """
-        try:
-            index = self._pending.index(correlation_id)
-        except ValueError:
-            return ()
-        return tuple(self._pending.popleft() for _ in range(index + 1))
-
-    def flushed(self) -> tuple[str, ...]:
-        """Handle our own ``FLUSH_MEDIA``: return every pending id (oldest first), now settled."""
-        settled = tuple(self._pending)
-        self._pending.clear()
-        return settled
