@@ -18,7 +18,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from rapida_tap import __version__, tls
+from rapida_tap import __version__, internals, tls
 from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
@@ -469,8 +469,9 @@ def makeService(options: Options) -> service.MultiService:
     # keep its errors only, so each refusal is one line saying why.
     txaio.set_global_log_level("error")  # type: ignore[attr-defined]  # bound by use_twisted()
     try:
+        internals.check()
         daemon = Daemon(settings, reactor, on_drained=reactor.stop)
-    except ConfigError as e:
+    except (ConfigError, internals.LibraryChanged) as e:
         raise SystemExit(f"rapida-asterisk: {e}") from None
     log_start(settings)
     return daemon.service()

@@ -316,7 +316,17 @@ class LegLifecycle:
         elif reason is EndReason.CALLER_HANGUP:
             self._close(CLOSE_NORMAL, "")
         else:
-            self.transport.send_goodbye()
+            try:
+                self.transport.send_goodbye()
+            except Exception:
+                self.log.failure(
+                    "{transport} {peer}: goodbye failed; dropping the connection",
+                    transport=self.listener.transport_name,
+                    peer=self.peer,
+                )
+                self.phase = Phase.CLOSING
+                self.transport.abort()
+                return
             self._close(CLOSE_NORMAL, str(reason))
 
     # -- inside ----------------------------------------------------------------------------
