@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rapida_tap.ratelimit import RateLimiter
+from rapida_tap.ratelimit import Bucket, LogThrottle, RateLimiter, held_note
 
 
 def allowed(limiter: RateLimiter, key: str, now: float, n: int) -> list[bool]:
@@ -95,3 +95,44 @@ def test_never_more_than_burst_plus_refill(rate: float, burst: int, steps: list[
         now += step
         count += limiter.allow("a", now)
         assert count <= burst + rate * now + 1e-9
+
+
+def test_bucket_allows_a_burst_then_the_rate() -> None:
+    bucket = Bucket(rate=2.0, burst=3)
+    assert [bucket.allow(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.allow(0.49) is False
+    assert bucket.allow(0.5) is True  # one token refilled after half a second
+
+
+def test_bucket_survives_a_clock_step_back() -> None:
+    bucket = Bucket(rate=1.0, burst=1)
+    assert bucket.allow(10.0) is True
+    assert bucket.allow(5.0) is False  # no refill from going back in time
+    assert bucket.allow(6.5) is True
+
+
+@given(
+    rate=st.floats(0.1, 50.0),
+    burst=st.integers(1, 20),
+    steps=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=200),
+)
+def test_bucket_never_more_than_burst_plus_refill(
+    rate: float, burst: int, steps: list[float]
+) -> None:
+    bucket = Bucket(rate=rate, burst=burst)
+    now, count = 0.0, 0
+    for step in steps:
+        now += step
+        count += bucket.allow(now)
+        assert count <= burst + rate * now + 1e-9
+
+
+def test_log_throttle_one_line_per_key_and_interval_with_a_count() -> None:
+    throttle = LogThrottle(interval=5.0)
+    assert throttle.allow("a", 0.0) == 0
+    assert [throttle.allow("a", t) for t in (1.0, 2.0, 4.9)] == [None, None, None]
+    assert throttle.allow("b", 1.0) == 0  # keys are independent
+    assert throttle.allow("a", 5.0) == 3  # the line that is written says how many were held
+    assert throttle.allow("a", 10.0) == 0
+    assert held_note(3) == " (and 3 more like it)"
+    assert held_note(0) == ""

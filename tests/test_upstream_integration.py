@@ -16,6 +16,7 @@ from tests.fake_bot import FakeBot, mute_server, refused_url, self_signed, ulaw_
 from tests.support import (
     API_KEY,
     FakeAsterisk,
+    capture_logs,
     connect_audiosocket,
     curl_get,
     raw_http,
@@ -33,6 +34,7 @@ class UpstreamCallTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.ended: list[tuple[str, str]] = []
+        self.logs = capture_logs(self)
         self.patch(os, "environ", {**os.environ, "TEST_BOT_TOKEN": "s3cret"})
 
     def bot(self, **options: Any) -> FakeBot:
@@ -48,10 +50,11 @@ class UpstreamCallTests(unittest.TestCase):
         return daemon
 
     @defer.inlineCallbacks
-    def call(self, daemon: Any) -> Any:
-        """Register and connect a silent fake Asterisk; fires with (client, context id)."""
+    def call(self, daemon: Any, frames: list[bytes] | None = None) -> Any:
+        """Register and connect a fake Asterisk (silent, or sending ``frames`` every 20 ms);
+        fires with (client, context id)."""
         ctx = yield register(daemon.http_port, assistant=ASSISTANT)
-        client = FakeAsterisk(ctx)
+        client = FakeAsterisk(ctx, frames)
         yield connect_audiosocket(daemon.as_port, client)
 
         def hang_up() -> defer.Deferred[None]:
@@ -232,6 +235,22 @@ class UpstreamCallTests(unittest.TestCase):
         )
         yield stream.closed
         self.assertNotIn("stop", stream.events())
+
+    @defer.inlineCallbacks
+    def test_bot_hangup_while_the_caller_talks_is_clean(self) -> Any:
+        """Caller audio keeps coming while the bot's socket closes: dropped, never raised."""
+        bot = self.bot(echo_delay=0.0)
+        daemon = self.daemon(bot.url)
+        client, _ctx = yield self.call(daemon, frames=tone(500))
+        yield wait_until(lambda: bot.streams and len(bot.streams[0].of("media")) > 10)
+        client.send(encode_frame(Kind.DTMF, b"2"))
+        yield client.closed
+        self.assert_hung_up(client)
+        [(reason, detail)] = self.ended
+        self.assertEqual(reason, EndReason.ASSISTANT_HANGUP)
+        self.assertNotIn("internal-error", self.logs.text())
+        self.assertNotIn("Unhandled", self.logs.text())
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
     def test_bot_dies_mid_call(self) -> Any:
