@@ -28,6 +28,7 @@ from rapida_tap.dialplan import audiosocket_dialplan
 from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.media.bridge import MediaBridge
+from rapida_tap.media.listener import LegListener
 from rapida_tap.metrics import NodeCollector, NodeMetrics
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.providers import parse_providers
@@ -40,7 +41,7 @@ from rapida_tap.web.calls import CallsResource
 from rapida_tap.web.health import HealthResource
 from rapida_tap.web.registration import RegistrationResource
 from rapida_tap.web.site import PathTree, make_site, mount
-from rapida_tap.websocket.protocol import MediaWebSocketFactory
+from rapida_tap.websocket.factory import MediaWebSocketFactory
 from rapida_tap.websocket.resource import MediaWebSocketResource
 
 log = Logger(namespace="rapida_tap")
@@ -289,10 +290,13 @@ class Daemon:
         )
         self.keys = ApiKeys(settings.api_keys)
         self.audiosocket = AudioSocketFactory(
-            self.bridge,
+            LegListener(
+                self.bridge,
+                "audiosocket",
+                stall_timeout=settings.stall_timeout,
+                max_connections=settings.max_connections,
+            ),
             id_timeout=settings.id_timeout,
-            stall_timeout=settings.stall_timeout,
-            max_connections=settings.max_connections,
             max_audio_payload=settings.max_audio_payload,
         )
         self.registration = RegistrationResource(
@@ -322,14 +326,17 @@ class Daemon:
         mount(self.root, "v1/talk/asterisk/calls", CallsResource(self.outbound, self.keys))
         mount(self.root, "healthz", self.health)
         self.websocket = MediaWebSocketFactory(
-            self.bridge,
+            LegListener(
+                self.bridge,
+                "websocket",
+                stall_timeout=settings.stall_timeout,
+                ping_interval=settings.ws_ping_interval,
+                max_connections=settings.ws_max_connections,
+            ),
             handshake_timeout=settings.ws_handshake_timeout,
-            stall_timeout=settings.stall_timeout,
             start_timeout=settings.ws_start_timeout,
-            ping_interval=settings.ws_ping_interval,
             max_message=settings.ws_max_message,
             max_text=settings.ws_max_text,
-            max_connections=settings.ws_max_connections,
             lead_frames=settings.ws_lead_frames,
         )
         mount(self.root, "v1/talk/asterisk/ctx", MediaWebSocketResource(self.websocket))

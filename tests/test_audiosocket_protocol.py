@@ -15,6 +15,7 @@ from rapida_tap.audiosocket.protocol import AudioSocketFactory, AudioSocketProto
 from rapida_tap.audiosocket.wire import HANGUP_FRAME, AudioSocketDecoder, Kind, encode_frame
 from rapida_tap.contexts import CallContext, MemoryContextStore, new_context_id
 from rapida_tap.media.bridge import MediaBridge
+from rapida_tap.media.listener import LegListener
 from rapida_tap.reasons import EndReason as reasons
 from tests.support import capture_logs
 
@@ -41,7 +42,8 @@ class ProtocolTests(SynchronousTestCase):
             assistants=AssistantRegistry(default=EchoAssistant()),
             idle_timeout=60,
         )
-        self.factory = AudioSocketFactory(self.bridge, id_timeout=5, stall_timeout=5)
+        listener = LegListener(self.bridge, "audiosocket", stall_timeout=5)
+        self.factory = AudioSocketFactory(listener, id_timeout=5)
         self.logs = capture_logs(self)
 
     def mint(self, ttl: float = 30) -> str:
@@ -271,3 +273,17 @@ class ProtocolTests(SynchronousTestCase):
         real_claim(ctx).chainDeferred(pending)
         self.assertEqual(self.bridge.calls, {})
         self.assertEqual(self.bridge.ended_by_reason, {reasons.CALLER_HANGUP: 1})
+
+
+class EchoStateTests(SynchronousTestCase):
+    def test_echo_keeps_only_the_last_digits(self) -> None:
+        from rapida_tap.assistants.echo import KEPT_DIGITS, EchoSession
+
+        class Call:
+            trim_backlog = False
+
+        session = EchoSession(Call())  # type: ignore[arg-type]
+        for i in range(10 * KEPT_DIGITS):
+            session.dtmf_received(str(i % 10))
+        self.assertEqual(len(session.digits), KEPT_DIGITS)
+        self.assertEqual(session.digits[-1], "9")

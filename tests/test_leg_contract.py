@@ -28,8 +28,9 @@ from rapida_tap.contexts import CallContext, MemoryContextStore, new_context_id
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import Call
 from rapida_tap.media.lifecycle import Phase
+from rapida_tap.media.listener import LegListener
 from rapida_tap.reasons import EndReason, Refusal
-from rapida_tap.websocket.protocol import MediaWebSocketFactory
+from rapida_tap.websocket.factory import MediaWebSocketFactory
 from tests import fake_chan_websocket as fc
 from tests.support import RecordingAssistant, capture_logs, tone
 
@@ -358,7 +359,8 @@ class AudioSocketContract(LegContract, SynchronousTestCase):
     id_timeout = 5.0
 
     def make_factory(self) -> AudioSocketFactory:
-        return AudioSocketFactory(self.bridge, id_timeout=self.id_timeout, stall_timeout=5)
+        listener = LegListener(self.bridge, "audiosocket", stall_timeout=5)
+        return AudioSocketFactory(listener, id_timeout=self.id_timeout)
 
     def identify(self, peer: Peer, ctx: str) -> None:
         peer.proto.dataReceived(encode_frame(Kind.UUID, uuid.UUID(ctx).bytes))
@@ -395,9 +397,8 @@ class ChanWebSocketContract(LegContract, SynchronousTestCase):
     expired = Refusal.CONTEXT_UNKNOWN
 
     def make_factory(self) -> MediaWebSocketFactory:
-        return MediaWebSocketFactory(
-            self.bridge, start_timeout=self.id_timeout, stall_timeout=5, ping_interval=0
-        )
+        listener = LegListener(self.bridge, "websocket", stall_timeout=5)
+        return MediaWebSocketFactory(listener, start_timeout=self.id_timeout)
 
     def before_identify(self, peer: Peer) -> None:
         self.assertTrue(fc.head_is_101(self.handshake(peer, self.mint())))

@@ -20,8 +20,10 @@ from rapida_tap.contexts import CallContext, ContextStoreUnavailable, MemoryCont
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import Call
 from rapida_tap.media.lifecycle import Phase
+from rapida_tap.media.listener import LegListener
+from rapida_tap.websocket.factory import MediaWebSocketFactory
 from rapida_tap.websocket.handshake import BadContextId, context_id_from
-from rapida_tap.websocket.protocol import XON_BURST, MediaWebSocketFactory, MediaWebSocketProtocol
+from rapida_tap.websocket.protocol import XON_BURST, MediaWebSocketProtocol
 from tests import fake_chan_websocket as fc
 from tests.support import LogCapture, RecordingAssistant, RecordingSession, tone
 
@@ -72,6 +74,9 @@ class Transport(StringTransport):
             super().unregisterProducer()
 
 
+LISTENER_OPTIONS = {"stall_timeout", "close_timeout", "ping_interval", "max_connections"}
+
+
 class Leg:
     """One protocol on a ``StringTransport``, with a Clock; frames out are decoded."""
 
@@ -86,7 +91,9 @@ class Leg:
             contexts=self.store,
             assistants=AssistantRegistry(default=self.assistant),
         )
-        self.factory = MediaWebSocketFactory(self.bridge, **options)
+        shared = {k: options.pop(k) for k in LISTENER_OPTIONS & set(options)}
+        listener = LegListener(self.bridge, "websocket", **shared)
+        self.factory = MediaWebSocketFactory(listener, **options)
         self.proto: MediaWebSocketProtocol = self.factory.buildProtocol(None)
         self.transport = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
         self.proto.makeConnection(self.transport)

@@ -24,11 +24,11 @@ from rapida_tap.audiosocket.wire import (
 from rapida_tap.interfaces import ICallLeg
 from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE
 from rapida_tap.media.codec import Resampler, from_bridge, to_bridge
-from rapida_tap.media.lifecycle import ILegTransport, LegLifecycle, LegListener, Phase, peer_text
+from rapida_tap.media.lifecycle import ILegTransport, LegLifecycle, Phase
+from rapida_tap.media.listener import LegListener, peer_text
 from rapida_tap.reasons import EndReason, Refusal
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rapida_tap.media.bridge import MediaBridge
     from rapida_tap.media.call import Call
 
 _SLIN8 = int(Kind.SLIN_8K)
@@ -229,29 +229,16 @@ class AudioSocketProtocol(Protocol):
 
 
 class AudioSocketFactory(Factory):
-    """Serves AudioSocket connections for one ``MediaBridge``; limits are per node."""
+    """Serves AudioSocket connections of one ``LegListener`` (its bridge, limits and counts)."""
 
     protocol = AudioSocketProtocol
     noisy = False
 
     def __init__(
-        self,
-        bridge: MediaBridge,
-        *,
-        id_timeout: float = 5.0,
-        stall_timeout: float = 5.0,
-        close_timeout: float = 2.0,
-        max_connections: int = 5000,
-        max_audio_payload: int = 8192,
+        self, listener: LegListener, *, id_timeout: float = 5.0, max_audio_payload: int = 8192
     ) -> None:
-        self.bridge = bridge
-        self.listener = LegListener(
-            bridge,
-            "audiosocket",
-            stall_timeout=stall_timeout,
-            close_timeout=close_timeout,
-            max_connections=max_connections,
-        )
+        self.listener = listener
+        self.bridge = listener.bridge
         self.id_timeout = id_timeout
         self.max_audio_payload = max_audio_payload
 

@@ -10,7 +10,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from rapida_tap.media.lifecycle import peer_text
+from rapida_tap.media.listener import peer_text
 from rapida_tap.web.registration import close_after
 
 SECRET_PARAMS = frozenset({"x-api-key", "api_key", "apikey", "key", "token"})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import interfaces
 from twisted.internet.protocol import connectionDone
@@ -41,10 +41,9 @@ from rapida_tap.media.lifecycle import (
     CLOSE_TOO_BIG,
     ILegTransport,
     LegLifecycle,
-    LegListener,
     Phase,
-    peer_text,
 )
+from rapida_tap.media.listener import peer_text
 from rapida_tap.reasons import EndReason, Refusal
 from rapida_tap.websocket import commands, control
 from rapida_tap.websocket.control import ControlError, ControlFormat
@@ -60,8 +59,8 @@ from rapida_tap.websocket.handshake import (
 if TYPE_CHECKING:  # pragma: no cover
     from autobahn.websocket.types import ConnectionRequest
 
-    from rapida_tap.media.bridge import MediaBridge
     from rapida_tap.media.call import Call
+    from rapida_tap.websocket.factory import MediaWebSocketFactory
 
 XON_BURST = 100
 """Frames sent at once on ``MEDIA_XON``: Asterisk's XOFF and XON levels are 900 and 800, so
@@ -409,59 +408,3 @@ class _StallWatch:
 
     def stopProducing(self) -> None:
         """The connection is going: ``connectionLost`` follows."""
-
-
-class MediaWebSocketFactory(WebSocketServerFactory):
-    """Serves chan_websocket sessions for one ``MediaBridge``; limits are per node.
-
-    Times are seconds on ``bridge.clock``; sizes are bytes.  ``max_message`` bounds any
-    message (audio or text, Autobahn closes with 1009 beyond it), ``max_text`` text messages,
-    ``max_unread`` what may pile up for a peer that stops reading.  ``ping_interval`` 0
-    disables keep-alive pings (a vanished peer is then found by the call's idle timeout only).
-    Autobahn's own timers are off: every timer here runs on the clock.
-    """
-
-    protocol = MediaWebSocketProtocol  # type: ignore[assignment]
-    noisy = False
-
-    def __init__(
-        self,
-        bridge: MediaBridge,
-        *,
-        handshake_timeout: float = 10.0,
-        start_timeout: float = 5.0,
-        close_timeout: float = 2.0,
-        stall_timeout: float = 5.0,
-        ping_interval: float = 10.0,
-        max_message: int = 65536,
-        max_text: int = control.MAX_EVENT_LENGTH,
-        max_connections: int = 5000,
-        max_unread: int = 1_048_576,
-        lead_frames: int = 3,
-    ) -> None:
-        super().__init__(protocols=[SUBPROTOCOL], server="rapida-asterisk")
-        self.bridge = bridge
-        self.listener = LegListener(
-            bridge,
-            "websocket",
-            stall_timeout=stall_timeout,
-            close_timeout=close_timeout,
-            ping_interval=ping_interval,
-            max_connections=max_connections,
-        )
-        self.handshake_timeout = handshake_timeout
-        self.start_timeout = start_timeout
-        self.max_text = max_text
-        self.max_unread = max_unread
-        self.lead_frames = lead_frames
-        self.setProtocolOptions(
-            maxFramePayloadSize=max_message,
-            maxMessagePayloadSize=max_message,
-            perMessageCompressionAccept=lambda offers: None,
-            openHandshakeTimeout=0,
-            closeHandshakeTimeout=0,
-            autoPingInterval=0,
-            requireMaskedClientFrames=True,
-            failByDrop=True,
-            webStatus=False,
-        )

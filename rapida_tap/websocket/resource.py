@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.web.server import Request
 
-    from rapida_tap.websocket.protocol import MediaWebSocketFactory
+    from rapida_tap.websocket.factory import MediaWebSocketFactory
 
 NOT_WEBSOCKET = (
     b"This is the chan_websocket media endpoint of rapida-asterisk: connect with a WebSocket"
