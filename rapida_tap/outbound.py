@@ -13,15 +13,12 @@ or the timer wins, never both.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import math
-import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,9 +27,7 @@ from rapida_tap.ari import (
     AriError,
     AriProvider,
     AriTimeout,
-    InvalidNumber,
     build_endpoint,
-    validate_number,
 )
 from rapida_tap.contexts import (
     OUTBOUND,
@@ -41,214 +36,37 @@ from rapida_tap.contexts import (
     ContextStoreUnavailable,
     new_context_id,
 )
+from rapida_tap.outbound_call import (
+    CANCELLED,
+    NO_ANSWER,
+    NOT_ANSWERED,
+    NOT_CONNECTED,
+    ORIGINATE_FAILED,
+    CallElsewhere,
+    CallRecords,
+    OutboundCall,
+    Status,
+    Unavailable,
+    UnknownAssistantId,
+    UnknownCall,
+)
+from rapida_tap.providers import choose_provider
 from rapida_tap.reasons import EndReason
+from rapida_tap.web.call_request import (
+    AUDIOSOCKET,
+    CONTEXT_VARIABLE,
+    CallRequest,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.bridge import MediaBridge
     from rapida_tap.media.call import Call
 
-AUDIOSOCKET = "audiosocket"
-WEBSOCKET = "websocket"
-TRANSPORTS = (AUDIOSOCKET, WEBSOCKET)
-
-# Statuses, in the order a call goes through them.
-ORIGINATING = "originating"
-RINGING = "ringing"
-CONNECTED = "connected"
-ENDED = "ended"
-
-# End reasons of calls that never connected (connected calls end with the bridge's reasons).
-NO_ANSWER = "no-answer"
-NOT_ANSWERED = "not-answered"
-NOT_CONNECTED = "not-connected"
-CANCELLED = "cancelled"
-ORIGINATE_FAILED = "originate-failed"
-
-#: The channel variable the outbound dialplans hand to ``AudioSocket()`` / ``Dial(WebSocket/…)``.
-CONTEXT_VARIABLE = "RAPIDA_CONTEXT_ID"
 #: Seconds the context outlives the ring timer (see the module docstring).
 CONNECT_GRACE = 5.0
 
-ASSISTANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-VARIABLE_NAME = re.compile(r"_{0,2}[A-Za-z][A-Za-z0-9_]{0,63}")
-MAX_VARIABLES = 32
-MAX_VARIABLE_VALUE = 1024
-REQUEST_FIELDS = ("assistant_id", "to", "from", "transport", "provider", "variables")
-
-
-class OutboundError(Exception):
-    """A request the outbound service cannot carry out; ``str()`` is for the API's caller."""
-
-
-class InvalidCallRequest(OutboundError):
-    """The request itself is wrong (missing field, bad number, unknown transport...)."""
-
-
-class UnknownProvider(OutboundError):
-    pass
-
-
-class UnknownAssistantId(OutboundError):
-    pass
-
-
-class UnknownCall(OutboundError):
-    pass
-
-
-class CallElsewhere(OutboundError):
-    """The call's media connected to another node; only that node can end it."""
-
-
-class Unavailable(OutboundError):
-    """This node cannot place calls now (draining, stopping, context store down)."""
-
-
-# -- the request ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CallRequest:
-    """A validated ``POST /v1/talk/asterisk/calls`` body."""
-
-    assistant_id: str
-    to: str
-    caller_id: str = ""
-    transport: str = AUDIOSOCKET
-    provider: str | None = None
-    variables: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-def parse_call_request(data: Any) -> CallRequest:
-    """Validate a decoded JSON body; raise ``InvalidCallRequest`` naming the field."""
-    if not isinstance(data, dict):
-        raise InvalidCallRequest("the body must be a JSON object")
-    unknown = sorted(set(data) - set(REQUEST_FIELDS))
-    if unknown:
-        raise InvalidCallRequest(
-            f"unknown field {unknown[0]!r}; the fields are {', '.join(REQUEST_FIELDS)}"
-        )
-    assistant_id = _string(data, "assistant_id", required=True)
-    if not ASSISTANT_ID.fullmatch(assistant_id):
-        raise InvalidCallRequest("assistant_id: must be 1-64 of [A-Za-z0-9._-]")
-    to = _number(data, "to", required=True)
-    caller_id = _number(data, "from", required=False)
-    transport = _string(data, "transport") or AUDIOSOCKET
-    if transport not in TRANSPORTS:
-        raise InvalidCallRequest(
-            f"transport: unknown transport {transport!r}; use 'audiosocket' or 'websocket'"
-        )
-    provider = _string(data, "provider") or None
-    return CallRequest(
-        assistant_id=assistant_id,
-        to=to,
-        caller_id=caller_id,
-        transport=transport,
-        provider=provider,
-        variables=_variables(data.get("variables")),
-    )
-
-
-def _string(data: dict[str, Any], key: str, required: bool = False) -> str:
-    value = data.get(key)
-    if value is None:
-        if required:
-            raise InvalidCallRequest(f"{key}: is required")
-        return ""
-    if not isinstance(value, str):
-        raise InvalidCallRequest(f"{key}: must be a string")
-    value = value.strip()
-    if required and not value:
-        raise InvalidCallRequest(f"{key}: must not be empty")
-    return value
-
-
-def _number(data: dict[str, Any], key: str, required: bool) -> str:
-    value = _string(data, key, required)
-    if not value:
-        return ""
-    try:
-        return validate_number(value)
-    except InvalidNumber as e:
-        raise InvalidCallRequest(f"{key}: {e}") from None
-
-
-def _variables(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidCallRequest("variables: must be an object of names to string values")
-    if len(value) > MAX_VARIABLES:
-        raise InvalidCallRequest(f"variables: at most {MAX_VARIABLES} are allowed")
-    out: dict[str, str] = {}
-    for name, text in value.items():
-        if not VARIABLE_NAME.fullmatch(name):
-            raise InvalidCallRequest(
-                f"variables: {name!r} is not a channel variable name (a letter, then letters, "
-                "digits or '_', up to 64; '_' or '__' in front to inherit)"
-            )
-        if name.lstrip("_").upper() == CONTEXT_VARIABLE:
-            raise InvalidCallRequest(f"variables: {name} is set by the daemon")
-        if not isinstance(text, str):
-            raise InvalidCallRequest(f"variables: the value of {name} must be a string")
-        if len(text) > MAX_VARIABLE_VALUE or not text.isprintable():
-            raise InvalidCallRequest(
-                f"variables: the value of {name} must be up to {MAX_VARIABLE_VALUE} "
-                "printable characters"
-            )
-        out[name] = text
-    return out
-
 
 # -- the calls -------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(eq=False)
-class OutboundCall:
-    """One outbound call as this node follows it.  Times are ``IReactorTime.seconds()``."""
-
-    context_id: str
-    channel_id: str
-    provider: str
-    assistant_id: str
-    to: str
-    caller_id: str
-    transport: str
-    created_at: float
-    status: str = ORIGINATING
-    reason: str | None = None
-    detail: str = ""
-    connected_at: float | None = None
-    ended_at: float | None = None
-    originated: bool = False  # ARI created the channel
-    answered: bool = False  # ARI reported the channel Up
-    claiming: bool = False  # a take-back of the context is under way
-    call: Call | None = dataclasses.field(default=None, repr=False)
-    ring_timer: IDelayedCall | None = dataclasses.field(default=None, repr=False)
-    check_timer: IDelayedCall | None = dataclasses.field(default=None, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "context_id": self.context_id,
-            "channel_id": self.channel_id,
-            "provider": self.provider,
-            "assistant_id": self.assistant_id,
-            "to": self.to,
-            "from": self.caller_id,
-            "transport": self.transport,
-            "status": self.status,
-            "reason": self.reason,
-            "detail": self.detail,
-            "created_at": self.created_at,
-            "connected_at": self.connected_at,
-            "ended_at": self.ended_at,
-        }
-
-    def stop_timers(self) -> None:
-        for timer in (self.ring_timer, self.check_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self.ring_timer = self.check_timer = None
 
 
 class OutboundCalls:
@@ -281,13 +99,9 @@ class OutboundCalls:
         self._clients = {name: factory(p) for name, p in self.providers.items()}
         self.ring_timeout = ring_timeout
         self.check_interval = check_interval
-        self.max_ended = max_ended
-        self.ended_retention = ended_retention
         self.accepting = True
-        self._live: dict[str, OutboundCall] = {}
-        self._ended: collections.OrderedDict[str, tuple[float, OutboundCall]] = (
-            collections.OrderedDict()
-        )
+        self._records = CallRecords(clock, max_ended=max_ended, retention=ended_retention)
+        self._live = self._records.live
         self._pending: set[Deferred[Any]] = set()
         bridge.call_started.append(self._call_started)
         bridge.call_ended.append(self._call_ended)
@@ -313,18 +127,14 @@ class OutboundCalls:
 
     def get(self, context_id: str) -> OutboundCall:
         """The call, live or recently ended; ``UnknownCall`` otherwise."""
-        self._prune()
-        record = self._live.get(context_id)
-        if record is None and context_id in self._ended:
-            record = self._ended[context_id][1]
+        record = self._records.get(context_id)
         if record is None:
             raise UnknownCall(f"no outbound call {context_id} on this node")
         return record
 
     def calls(self) -> list[OutboundCall]:
         """Live calls, then recently ended ones, oldest first."""
-        self._prune()
-        return [*self._live.values(), *(record for _, record in self._ended.values())]
+        return self._records.all()
 
     def hangup(self, context_id: str) -> Deferred[OutboundCall]:
         """End the call: through ARI before it connected, through the bridge once connected.
@@ -344,7 +154,7 @@ class OutboundCalls:
     async def _place(self, request: CallRequest) -> OutboundCall:
         if not (self.accepting and self._bridge.accepting):
             raise Unavailable("this node is not accepting calls (draining or stopping)")
-        provider = self._provider(request.provider)
+        provider = choose_provider(self.providers, request.provider)
         if self._bridge.assistants.lookup(request.assistant_id) is None:
             raise UnknownAssistantId(f"unknown assistant {request.assistant_id!r}")
         endpoint = build_endpoint(provider, request.to)
@@ -387,8 +197,8 @@ class OutboundCalls:
             await self._originate_failed(record, e)
             raise
         record.originated = True
-        if record.status == ORIGINATING:
-            record.status = RINGING
+        if record.status == Status.ORIGINATING:
+            record.move(Status.RINGING)
             self.log.info(
                 "outbound call {ctx} to {to} via {provider}: ringing on channel {channel} "
                 "(assistant={assistant_id} transport={transport} dialplan={dialplan})",
@@ -401,28 +211,10 @@ class OutboundCalls:
                 dialplan=dialplan,
             )
             self._schedule_check(record)
-        elif record.status == ENDED and record.call is None:
+        elif record.status == Status.ENDED and record.call is None:
             # Cancelled or timed out while the originate was under way.
             self._hangup_quietly(record, "normal")
         return record
-
-    def _provider(self, name: str | None) -> AriProvider:
-        if name is None:
-            if not self.providers:
-                raise UnknownProvider(
-                    "no ARI provider is configured: add a [providers.NAME] table to the config"
-                )
-            if len(self.providers) > 1:
-                raise InvalidCallRequest(
-                    f"provider: is required when several are configured "
-                    f"({', '.join(self.providers)})"
-                )
-            return next(iter(self.providers.values()))
-        provider = self.providers.get(name)
-        if provider is None:
-            known = ", ".join(self.providers) or "none configured"
-            raise UnknownProvider(f"unknown provider {name!r} (known: {known})")
-        return provider
 
     async def _originate_failed(self, record: OutboundCall, error: AriError) -> None:
         took = await self._take_back(record)
@@ -437,10 +229,10 @@ class OutboundCalls:
 
     def _call_started(self, call: Call) -> None:
         record = self._live.get(call.context_id)
-        if record is None or record.status == ENDED:
+        if record is None or record.status == Status.ENDED:
             return
         record.stop_timers()
-        record.status = CONNECTED
+        record.move(Status.CONNECTED)
         record.call = call
         record.connected_at = self._clock.seconds()
         self.log.info(
@@ -466,7 +258,7 @@ class OutboundCalls:
         )
 
     def _schedule_check(self, record: OutboundCall) -> None:
-        if self.check_interval > 0 and record.status == RINGING and self.accepting:
+        if self.check_interval > 0 and record.status == Status.RINGING and self.accepting:
             record.check_timer = self._clock.callLater(self.check_interval, self._check, record)
 
     def _check(self, record: OutboundCall) -> None:
@@ -476,7 +268,7 @@ class OutboundCalls:
         self._track(d)
 
     def _checked(self, channel: dict[str, Any] | None, record: OutboundCall) -> None:
-        if record.status != RINGING:
+        if record.status != Status.RINGING:
             return
         if channel is None:
             if record.answered:
@@ -518,17 +310,17 @@ class OutboundCalls:
         connection got the context first; when that was on another node, the call is from then
         on only followed there.
         """
-        if record.status == ENDED or record.claiming:
+        if record.status == Status.ENDED or record.claiming:
             return False
         record.claiming = True
         try:
             await self._bridge.contexts.claim(record.context_id)
         except ContextError:
-            if record.call is None and record.status != CONNECTED:
+            if record.call is None and record.status != Status.CONNECTED:
                 record.stop_timers()
-                record.status = CONNECTED
+                record.move(Status.CONNECTED)
                 record.detail = "the media connected to another node"
-                self._retain(record)
+                self._records.retain(record)
             return False
         except ContextStoreUnavailable as e:
             self.log.warn(
@@ -542,12 +334,12 @@ class OutboundCalls:
 
     def _finish(self, record: OutboundCall, reason: str, detail: str, log: bool = True) -> None:
         record.stop_timers()
-        record.status = ENDED
+        record.move(Status.ENDED)
         record.reason = reason
         record.detail = detail
         record.ended_at = self._clock.seconds()
         record.call = None
-        self._retain(record)
+        self._records.retain(record)
         if log:
             self.log.info(
                 "outbound call {ctx} to {to} via {provider} ended: {reason} ({detail})",
@@ -558,32 +350,19 @@ class OutboundCalls:
                 detail=detail,
             )
 
-    def _retain(self, record: OutboundCall) -> None:
-        self._live.pop(record.context_id, None)
-        self._ended[record.context_id] = (self._clock.seconds(), record)
-        self._prune()
-
-    def _prune(self) -> None:
-        ended = self._ended
-        while len(ended) > self.max_ended:
-            ended.popitem(last=False)
-        horizon = self._clock.seconds() - self.ended_retention
-        while ended and next(iter(ended.values()))[0] < horizon:
-            ended.popitem(last=False)
-
     # -- hanging up ------------------------------------------------------------------------
 
     async def _hangup(self, context_id: str) -> OutboundCall:
         record = self.get(context_id)
-        if record.status == ENDED:
+        if record.status == Status.ENDED:
             return record
-        if record.call is None and record.status != CONNECTED:
+        if record.call is None and record.status != Status.CONNECTED:
             if await self._take_back(record):
                 self._finish(record, CANCELLED, "hung up through the API before it connected")
                 if record.originated:
                     await self._clients[record.provider].hangup(record.channel_id, "normal")
                 return record
-            if record.status == ENDED or record.claiming:
+            if record.status == Status.ENDED or record.claiming:
                 return record  # the ring timer got there first
         if record.call is None:
             raise CallElsewhere(
@@ -624,7 +403,7 @@ class OutboundCalls:
     async def _stop(self) -> None:
         self.accepting = False
         for record in list(self._live.values()):
-            if record.status in (ORIGINATING, RINGING):
+            if record.status in (Status.ORIGINATING, Status.RINGING):
                 self._finish(record, EndReason.SHUTDOWN, "the daemon stopped")
                 self._track(self._bridge.contexts.discard(record.context_id))
                 if record.originated:

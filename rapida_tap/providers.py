@@ -13,6 +13,7 @@ from typing import Any
 
 from rapida_tap.ari import AriProvider, InvalidNumber, validate_number
 from rapida_tap.config import ConfigError
+from rapida_tap.web.call_request import InvalidCallRequest
 
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DIALPLAN_CONTEXT = re.compile(r"[A-Za-z0-9._-]{1,79}")
@@ -143,3 +144,26 @@ def _password(where: str, env_name: str, credential: str, env: Mapping[str, str]
     if not password:
         raise ConfigError(f"{where}.password_credential: {path} is empty")
     return password
+
+
+class UnknownProvider(Exception):
+    """An outbound request names a provider that is not configured."""
+
+
+def choose_provider(providers: Mapping[str, AriProvider], name: str | None) -> AriProvider:
+    """The provider an outbound request asks for; the only one when it names none."""
+    if name is None:
+        if not providers:
+            raise UnknownProvider(
+                "no ARI provider is configured: add a [providers.NAME] table to the config"
+            )
+        if len(providers) > 1:
+            raise InvalidCallRequest(
+                f"provider: is required when several are configured ({', '.join(providers)})"
+            )
+        return next(iter(providers.values()))
+    provider = providers.get(name)
+    if provider is None:
+        known = ", ".join(providers) or "none configured"
+        raise UnknownProvider(f"unknown provider {name!r} (known: {known})")
+    return provider

@@ -13,6 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from rapida_tap import outbound as ob
+from rapida_tap import outbound_call as oc
 from rapida_tap import providers as providers_mod
 from rapida_tap.ari import AriNotFound, AriProvider, AriServerError, AriTimeout, AriUnreachable
 from rapida_tap.assistants.echo import EchoAssistant
@@ -21,6 +22,7 @@ from rapida_tap.config import ConfigError
 from rapida_tap.contexts import OUTBOUND, ContextExpired, ContextReused, MemoryContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.reasons import EndReason
+from rapida_tap.web import call_request as cr
 
 API_HANGUP, CALLER_HANGUP = EndReason.API_HANGUP, EndReason.CALLER_HANGUP
 
@@ -95,10 +97,10 @@ class FakeAriClient:
         return defer.succeed(None)
 
 
-def request(**kw: Any) -> ob.CallRequest:
+def request(**kw: Any) -> cr.CallRequest:
     fields: dict[str, Any] = dict(assistant_id="bot-1", to="+4930123456")
     fields.update(kw)
-    return ob.CallRequest(**fields)
+    return cr.CallRequest(**fields)
 
 
 class OutboundServiceTests(SynchronousTestCase):
@@ -141,15 +143,15 @@ class OutboundServiceTests(SynchronousTestCase):
         for _ in range(round(seconds / step)):
             self.clock.advance(step)
 
-    def place(self, **kw: Any) -> ob.OutboundCall:
+    def place(self, **kw: Any) -> oc.OutboundCall:
         return self.successResultOf(self.service.place(request(**kw)))
 
-    def connect(self, record: ob.OutboundCall) -> Any:
+    def connect(self, record: oc.OutboundCall) -> Any:
         return self.successResultOf(self.bridge.open_call(record.context_id, FakeLeg()))
 
     def test_originate_carries_the_context_id_and_the_callers_variables(self) -> None:
         record = self.place(**{"caller_id": "+4930999", "variables": {"LANG": "de"}})
-        self.assertEqual(record.status, ob.RINGING)
+        self.assertEqual(record.status, oc.Status.RINGING)
         channel_id, endpoint, kw = self.ari.originates[0]
         self.assertEqual(channel_id, record.channel_id)
         self.assertNotEqual(record.channel_id, record.context_id)
@@ -166,7 +168,7 @@ class OutboundServiceTests(SynchronousTestCase):
         self.assertEqual(context.variables, {"LANG": "de"})
 
     def test_websocket_transport_lands_in_the_ws_context(self) -> None:
-        self.place(transport=ob.WEBSOCKET)
+        self.place(transport=cr.WEBSOCKET)
         self.assertEqual(self.ari.originates[0][2]["context"], "rapida-outbound-ws")
 
     def test_provider_caller_id_is_the_default_from(self) -> None:
@@ -180,19 +182,19 @@ class OutboundServiceTests(SynchronousTestCase):
         self.ari.originate_result = None
         d = self.service.place(request())
         (record,) = self.service.calls()
-        self.assertEqual(record.status, ob.ORIGINATING)
+        self.assertEqual(record.status, oc.Status.ORIGINATING)
         self.ari.pending[0].callback({"id": record.channel_id})
         self.assertIs(self.successResultOf(d), record)
-        self.assertEqual(record.status, ob.RINGING)
+        self.assertEqual(record.status, oc.Status.RINGING)
 
     def test_connect_then_the_far_end_hangs_up(self) -> None:
         record = self.place()
         self.clock.advance(3)
         call = self.connect(record)
-        self.assertEqual(record.status, ob.CONNECTED)
+        self.assertEqual(record.status, oc.Status.CONNECTED)
         self.assertEqual(record.connected_at, 3)
         call.end(CALLER_HANGUP)
-        self.assertEqual((record.status, record.reason), (ob.ENDED, CALLER_HANGUP))
+        self.assertEqual((record.status, record.reason), (oc.Status.ENDED, CALLER_HANGUP))
         self.wait(200)  # no ring timer, no checks left behind
         self.assertEqual(self.ari.hangups, [])
         self.assertEqual(self.ari.gets, [])
@@ -201,10 +203,10 @@ class OutboundServiceTests(SynchronousTestCase):
         record = self.place()
         self.ari.channel = {"state": "Ringing"}
         self.wait(119.5)
-        self.assertEqual(record.status, ob.RINGING)
+        self.assertEqual(record.status, oc.Status.RINGING)
         self.assertEqual(len(self.ari.gets), 23)  # checked every 5 s
         self.wait(0.5)
-        self.assertEqual((record.status, record.reason), (ob.ENDED, ob.NO_ANSWER))
+        self.assertEqual((record.status, record.reason), (oc.Status.ENDED, oc.NO_ANSWER))
         self.assertEqual(self.ari.hangups, [(record.channel_id, "no_answer")])
         # the dialplan connecting now is refused
         failure = self.failureResultOf(self.bridge.open_call(record.context_id, FakeLeg()))
@@ -216,7 +218,7 @@ class OutboundServiceTests(SynchronousTestCase):
         record = self.place()
         self.assertEqual(self.ari.originates[0][2]["ring_timeout"], 2)
         self.clock.advance(2)
-        self.assertEqual(record.reason, ob.NO_ANSWER)
+        self.assertEqual(record.reason, oc.NO_ANSWER)
         self.assertEqual(record.detail, "not answered within 2s")
 
     def test_a_failed_no_answer_hangup_is_logged_and_the_context_stays_unusable(self) -> None:
@@ -227,7 +229,7 @@ class OutboundServiceTests(SynchronousTestCase):
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         self.clock.advance(2)
-        self.assertEqual(record.reason, ob.NO_ANSWER)
+        self.assertEqual(record.reason, oc.NO_ANSWER)
         (warning,) = [e for e in logged if "could not hang up" in formatEvent(e)]
         self.assertIn("down", formatEvent(warning))
         self.clock.advance(ob.CONNECT_GRACE + 1)
@@ -236,10 +238,10 @@ class OutboundServiceTests(SynchronousTestCase):
     def test_rejected_while_ringing_is_noticed_by_the_channel_check(self) -> None:
         record = self.place()
         self.clock.advance(5)
-        self.assertEqual(record.status, ob.RINGING)
+        self.assertEqual(record.status, oc.Status.RINGING)
         self.ari.channel = None  # gone
         self.clock.advance(5)
-        self.assertEqual((record.status, record.reason), (ob.ENDED, ob.NOT_ANSWERED))
+        self.assertEqual((record.status, record.reason), (oc.Status.ENDED, oc.NOT_ANSWERED))
         self.assertEqual(self.ari.hangups, [])  # nothing left to hang up
         self.assertEqual(self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds(), 600)
 
@@ -249,21 +251,21 @@ class OutboundServiceTests(SynchronousTestCase):
         self.clock.advance(5)
         self.ari.channel = None
         self.clock.advance(5)
-        self.assertEqual(record.reason, ob.NOT_CONNECTED)
+        self.assertEqual(record.reason, oc.NOT_CONNECTED)
         self.assertIn("dialplan never connected", record.detail)
 
     def test_answered_but_never_connected_at_the_ring_timeout(self) -> None:
         record = self.place()
         self.ari.channel = {"state": "Up"}
         self.wait(120)
-        self.assertEqual(record.reason, ob.NOT_CONNECTED)
+        self.assertEqual(record.reason, oc.NOT_CONNECTED)
         self.assertEqual(self.ari.hangups, [(record.channel_id, "no_answer")])
 
     def test_failed_channel_checks_keep_the_call_ringing(self) -> None:
         record = self.place()
         self.ari.channel = AriUnreachable("down")
         self.wait(30)
-        self.assertEqual(record.status, ob.RINGING)
+        self.assertEqual(record.status, oc.Status.RINGING)
         self.assertEqual(len(self.ari.gets), 6)
 
     def test_checks_can_be_turned_off(self) -> None:
@@ -276,7 +278,7 @@ class OutboundServiceTests(SynchronousTestCase):
         record = self.place()
         result = self.successResultOf(self.service.hangup(record.context_id))
         self.assertIs(result, record)
-        self.assertEqual((record.status, record.reason), (ob.ENDED, ob.CANCELLED))
+        self.assertEqual((record.status, record.reason), (oc.Status.ENDED, oc.CANCELLED))
         self.assertEqual(self.ari.hangups, [(record.channel_id, "normal")])
         self.failureResultOf(self.bridge.open_call(record.context_id, FakeLeg()))
         self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 600)  # only the tombstone
@@ -286,18 +288,18 @@ class OutboundServiceTests(SynchronousTestCase):
         d = self.service.place(request())
         (record,) = self.service.calls()
         self.successResultOf(self.service.hangup(record.context_id))
-        self.assertEqual(record.reason, ob.CANCELLED)
+        self.assertEqual(record.reason, oc.CANCELLED)
         self.assertEqual(self.ari.hangups, [])
         self.ari.pending[0].callback({"id": record.channel_id})
         self.successResultOf(d)
-        self.assertEqual(record.status, ob.ENDED)
+        self.assertEqual(record.status, oc.Status.ENDED)
         self.assertEqual(self.ari.hangups, [(record.channel_id, "normal")])
 
     def test_hangup_when_ari_fails_still_ends_the_call_and_reports_the_error(self) -> None:
         record = self.place()
         self.ari.hangup_error = AriUnreachable("cannot connect to pbx:8088")
         self.failureResultOf(self.service.hangup(record.context_id), AriUnreachable)
-        self.assertEqual(record.reason, ob.CANCELLED)
+        self.assertEqual(record.reason, oc.CANCELLED)
         self.failureResultOf(self.bridge.open_call(record.context_id, FakeLeg()))
 
     def test_hangup_when_connected_ends_the_call_through_the_bridge(self) -> None:
@@ -305,7 +307,7 @@ class OutboundServiceTests(SynchronousTestCase):
         self.connect(record)
         (leg_call,) = self.bridge.calls.values()
         self.successResultOf(self.service.hangup(record.context_id))
-        self.assertEqual((record.status, record.reason), (ob.ENDED, API_HANGUP))
+        self.assertEqual((record.status, record.reason), (oc.Status.ENDED, API_HANGUP))
         self.assertEqual(leg_call.leg.hung_up, [API_HANGUP])
         self.assertEqual(self.ari.hangups, [])
 
@@ -316,8 +318,8 @@ class OutboundServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.ari.hangups), 1)
 
     def test_unknown_call(self) -> None:
-        self.assertRaises(ob.UnknownCall, self.service.get, "nope")
-        self.failureResultOf(self.service.hangup("nope"), ob.UnknownCall)
+        self.assertRaises(oc.UnknownCall, self.service.get, "nope")
+        self.failureResultOf(self.service.hangup("nope"), oc.UnknownCall)
 
     def test_originate_failure_ends_the_call_and_frees_the_context(self) -> None:
         for error in (AriNotFound("busy", 404), AriServerError("boom", 500)):
@@ -325,7 +327,7 @@ class OutboundServiceTests(SynchronousTestCase):
             failure = self.failureResultOf(self.service.place(request()))
             self.assertIs(failure.value, error)
             record = self.service.calls()[-1]
-            self.assertEqual((record.status, record.reason), (ob.ENDED, ob.ORIGINATE_FAILED))
+            self.assertEqual((record.status, record.reason), (oc.Status.ENDED, oc.ORIGINATE_FAILED))
             self.assertEqual(record.detail, error.message)
             self.failureResultOf(self.bridge.open_call(record.context_id, FakeLeg()))
         self.assertEqual(self.ari.hangups, [])
@@ -344,14 +346,14 @@ class OutboundServiceTests(SynchronousTestCase):
         self.connect(record)
         self.ari.pending[0].callback({"id": record.channel_id})
         self.successResultOf(d)
-        self.assertEqual(record.status, ob.CONNECTED)
+        self.assertEqual(record.status, oc.Status.CONNECTED)
         self.assertEqual(self.ari.hangups, [])
 
     def test_connected_on_another_node(self) -> None:
         record = self.place()
         self.successResultOf(self.store.claim(record.context_id))  # as another node would
-        self.failureResultOf(self.service.hangup(record.context_id), ob.CallElsewhere)
-        self.assertEqual(record.status, ob.CONNECTED)
+        self.failureResultOf(self.service.hangup(record.context_id), oc.CallElsewhere)
+        self.assertEqual(record.status, oc.Status.CONNECTED)
         self.assertEqual(record.detail, "the media connected to another node")
         self.wait(200)
         self.assertEqual(self.ari.hangups, [])  # the ring timer did not hang it up
@@ -359,7 +361,7 @@ class OutboundServiceTests(SynchronousTestCase):
     def test_provider_choice(self) -> None:
         other = AriProvider(name="pbx2", ari_url="http://pbx2:8088", ari_user="u", ari_password="x")
         self.service = self.make_service({"pbx1": PROVIDER, "pbx2": other})
-        self.failureResultOf(self.service.place(request()), ob.InvalidCallRequest)
+        self.failureResultOf(self.service.place(request()), cr.InvalidCallRequest)
         record = self.successResultOf(self.service.place(request(provider="pbx2")))
         self.assertEqual(record.provider, "pbx2")
         self.assertEqual(self.clients["pbx2"].originates[0][1], "PJSIP/+4930123456")
@@ -368,19 +370,19 @@ class OutboundServiceTests(SynchronousTestCase):
 
     def test_no_provider_configured(self) -> None:
         self.service = self.make_service({})
-        failure = self.failureResultOf(self.service.place(request()), ob.UnknownProvider)
+        failure = self.failureResultOf(self.service.place(request()), providers_mod.UnknownProvider)
         self.assertIn("[providers.NAME]", str(failure.value))
 
     def test_unknown_assistant(self) -> None:
         self.bridge.assistants = AssistantRegistry({"bot-1": EchoAssistant()})
         self.failureResultOf(
-            self.service.place(request(assistant_id="bot-2")), ob.UnknownAssistantId
+            self.service.place(request(assistant_id="bot-2")), oc.UnknownAssistantId
         )
         self.assertEqual(self.ari.originates, [])
 
     def test_draining_refuses_new_calls(self) -> None:
         self.bridge.accepting = False
-        self.failureResultOf(self.service.place(request()), ob.Unavailable)
+        self.failureResultOf(self.service.place(request()), oc.Unavailable)
         self.assertEqual(self.ari.originates, [])
 
     def test_ended_calls_are_kept_bounded_in_number_and_age(self) -> None:
@@ -389,7 +391,7 @@ class OutboundServiceTests(SynchronousTestCase):
         for record in records:
             self.successResultOf(self.service.hangup(record.context_id))
         self.assertEqual(self.service.calls(), records[2:])
-        self.assertRaises(ob.UnknownCall, self.service.get, records[0].context_id)
+        self.assertRaises(oc.UnknownCall, self.service.get, records[0].context_id)
         self.clock.advance(61)
         self.assertEqual(self.service.calls(), [])
 
@@ -398,11 +400,11 @@ class OutboundServiceTests(SynchronousTestCase):
         connected = self.place()
         self.connect(connected)
         self.successResultOf(self.service.stop())
-        self.assertEqual((ringing.status, ringing.reason), (ob.ENDED, "shutdown"))
+        self.assertEqual((ringing.status, ringing.reason), (oc.Status.ENDED, "shutdown"))
         self.assertEqual(self.ari.hangups, [(ringing.channel_id, "normal")])
-        self.assertEqual(connected.status, ob.CONNECTED)  # the bridge ends it
+        self.assertEqual(connected.status, oc.Status.CONNECTED)  # the bridge ends it
         self.assertTrue(self.ari.closed)
-        self.failureResultOf(self.service.place(request()), ob.Unavailable)
+        self.failureResultOf(self.service.place(request()), oc.Unavailable)
         self.failureResultOf(self.store.claim(ringing.context_id), ContextExpired)
         self.bridge.end_all()
         self.assertEqual(connected.reason, "shutdown")
@@ -414,12 +416,12 @@ GOOD = {"assistant_id": "bot-1", "to": "+4930123456"}
 
 
 def test_minimal_request_defaults() -> None:
-    parsed = ob.parse_call_request(dict(GOOD))
-    assert parsed == ob.CallRequest("bot-1", "+4930123456", "", ob.AUDIOSOCKET, None, {})
+    parsed = cr.parse_call_request(dict(GOOD))
+    assert parsed == cr.CallRequest("bot-1", "+4930123456", "", cr.AUDIOSOCKET, None, {})
 
 
 def test_full_request() -> None:
-    parsed = ob.parse_call_request(
+    parsed = cr.parse_call_request(
         {
             **GOOD,
             "from": " 0301234 ",
@@ -429,7 +431,7 @@ def test_full_request() -> None:
         }
     )
     assert parsed.caller_id == "0301234"
-    assert parsed.transport == ob.WEBSOCKET
+    assert parsed.transport == cr.WEBSOCKET
     assert parsed.provider == "pbx1"
     assert parsed.variables == {"__LANG": "de", "CUSTOMER": "42"}
 
@@ -463,8 +465,8 @@ def test_full_request() -> None:
     ],
 )
 def test_bad_requests(body: Any, message: str) -> None:
-    with pytest.raises(ob.InvalidCallRequest) as info:
-        ob.parse_call_request(body)
+    with pytest.raises(cr.InvalidCallRequest) as info:
+        cr.parse_call_request(body)
     assert message in str(info.value)
 
 
@@ -614,3 +616,16 @@ def test_outbound_dialplan_is_what_real_asterisk_needs() -> None:
     assert labels == {"error"}
     assert apps[-1] == "Hangup"
     assert "CHANNEL(audio" not in text
+
+
+def test_every_status_change_goes_through_the_transition_table() -> None:
+    record = oc.OutboundCall("ctx", "chan", "p", "a", "+49", "", cr.AUDIOSOCKET, 0.0)
+    record.move(oc.Status.RINGING)
+    record.move(oc.Status.CONNECTED)
+    with pytest.raises(oc.IllegalTransition, match="connected -> ringing"):
+        record.move(oc.Status.RINGING)
+    record.move(oc.Status.ENDED)
+    for status in oc.Status:
+        with pytest.raises(oc.IllegalTransition):
+            record.move(status)  # nothing leaves ended
+    assert set(oc.TRANSITIONS) == set(oc.Status)

@@ -19,18 +19,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from rapida_tap import ari
-from rapida_tap.outbound import (
+from rapida_tap.outbound import OutboundCalls
+from rapida_tap.outbound_call import (
     CallElsewhere,
-    InvalidCallRequest,
     OutboundCall,
-    OutboundCalls,
     OutboundError,
     Unavailable,
     UnknownAssistantId,
     UnknownCall,
-    UnknownProvider,
-    parse_call_request,
 )
+from rapida_tap.providers import UnknownProvider
+from rapida_tap.web.call_request import InvalidCallRequest, parse_call_request
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.web.server import Request
@@ -148,7 +147,7 @@ class CallsResource(Resource):
             ) from None
         try:
             call_request = parse_call_request(data)
-        except OutboundError as e:
+        except InvalidCallRequest as e:
             raise _api_error(e) from None
         d = self._outbound.place(call_request)
         return self._respond(request, d, http.CREATED)
@@ -200,7 +199,7 @@ class CallsResource(Resource):
         )
 
 
-def _api_error(exc: OutboundError) -> ApiError:
+def _api_error(exc: Exception) -> ApiError:
     error = error_for(exc)
     assert error is not None
     return error
