@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from rapida_tap.assistants.echo import EchoAssistant
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.contexts import INBOUND, CallContext, ContextStoreUnavailable
-from tests.fixtures import FIXTURES
+from tests.captures import FIXTURES
 from tests.support import (
     API_KEY,
     HttpReply,
