@@ -11,8 +11,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import txaio
-from twisted.application import service, strports
-from twisted.internet import defer, endpoints
+from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
@@ -27,6 +27,7 @@ from rapida_tap.contexts import MemoryContextStore
 from rapida_tap.dialplan import audiosocket_dialplan
 from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
+from rapida_tap.listeners import Listener, check_listener, one_line_exit
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import SHUTDOWN
 from rapida_tap.metrics import NodeCollector, NodeMetrics
@@ -147,30 +148,11 @@ def load_settings(options: usage.Options, environ: Any) -> Settings:
     for name in ("audiosocket", "http", "metrics"):
         value = getattr(settings, name)
         if value:
-            check_endpoint(reactor, name, value)
+            check_listener(reactor, name, value)
     if not settings.api_keys:
         settings.api_keys = [generate_api_key()]
         settings.api_key_generated = True
     return settings
-
-
-def check_endpoint(reactor: Any, name: str, value: str) -> None:
-    """Parse a listener's endpoint string now, so a typo fails start-up with one line.
-
-    ``systemd:`` endpoints are looked up in the sockets systemd passed (``LISTEN_FDS``), so a
-    missing or misnamed socket unit is reported here rather than as a bare ``KeyError``.
-    """
-    try:
-        endpoints.serverFromString(reactor, value)
-    except (IndexError, KeyError) as e:
-        if value.startswith("systemd:"):
-            raise ConfigError(
-                f"--{name}: {value!r}: systemd passed no such socket ({e}); is the .socket unit "
-                "running, and do its FileDescriptorName= values match?"
-            ) from None
-        raise ConfigError(f"--{name}: {value!r}: {e}") from None
-    except Exception as e:
-        raise ConfigError(f"--{name}: {value!r}: {e}") from None
 
 
 def make_context_store(settings: Settings, reactor: Any) -> IContextStore:
@@ -232,9 +214,14 @@ class NodeService(service.MultiService):
         self.store = store
         self.reactor = reactor
 
+    def privilegedStartService(self) -> None:
+        with one_line_exit():  # a port in use: one line naming the setting, not a traceback
+            super().privilegedStartService()
+
     def startService(self) -> None:
         self.store.startService()
-        super().startService()
+        with one_line_exit():
+            super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain.start("stopping")
@@ -372,19 +359,16 @@ class Daemon:
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)
         if self.settings.audiosocket:
-            strports.service(
-                self.settings.audiosocket, self.audiosocket, reactor=self.reactor
+            Listener(
+                self.reactor, "audiosocket", self.settings.audiosocket, self.audiosocket
             ).setServiceParent(top)
         if self.settings.http:
-            strports.service(self.settings.http, self.site, reactor=self.reactor).setServiceParent(
-                top
-            )
+            Listener(self.reactor, "http", self.settings.http, self.site).setServiceParent(top)
         if self.tls is not None:
             tls.TlsListener(self.reactor, self.tls_spec, self.tls, self.site).setServiceParent(top)
         if self.metrics_site is not None:
-            strports.service(
-                self.settings.metrics, self.metrics_site, reactor=self.reactor
-            ).setServiceParent(top)
+            metrics = Listener(self.reactor, "metrics", self.settings.metrics, self.metrics_site)
+            metrics.setServiceParent(top)
         return top
 
 

@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import TestCase
 
-from rapida_tap import tap
 from rapida_tap.config import ConfigError, Settings
+from rapida_tap.listeners import check_listener
 from rapida_tap.logs import event_as_json, json_logger
 from rapida_tap.tap import Daemon
 from tests.redis_server import free_port
@@ -144,7 +144,7 @@ class SocketActivationTests(TestCase):
             ("audiosocket", "systemd:domain=INET:index=0"),
             ("http", "systemd:domain=INET:index=1"),
         ]:
-            tap.check_endpoint(reactor, name, endpoint)
+            check_listener(reactor, name, endpoint)
         daemon = Daemon(Settings(api_keys=[API_KEY]), reactor)
         port = http.getsockname()[1]
         http.detach()  # the endpoint adopts a copy and closes this descriptor, as systemd's
@@ -159,7 +159,7 @@ class SocketActivationTests(TestCase):
         self.pass_sockets(self.listening())
         for endpoint in ["systemd:domain=INET:index=1", "systemd:domain=INET:name=http"]:
             with self.assertRaises(ConfigError) as caught:
-                tap.check_endpoint(reactor, "http", endpoint)
+                check_listener(reactor, "http", endpoint)
             self.assertIn("systemd passed no such socket", str(caught.exception))
             self.assertIn("is the .socket unit running", str(caught.exception))
 
