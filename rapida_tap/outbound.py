@@ -32,6 +32,7 @@ from rapida_tap.ari import (
     AriTimeout,
     InvalidNumber,
     build_endpoint,
+    describe_endpoint,
     validate_number,
 )
 from rapida_tap.contexts import (
@@ -297,7 +298,7 @@ class OutboundCalls:
                 name=p.name,
                 url=p.ari_url,
                 user=p.ari_user,
-                endpoint=build_endpoint(p, "000").removesuffix("000") + "<number>",
+                endpoint=describe_endpoint(p),
             )
 
     # -- the API ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ _TEXT_KEYS = (
     "ws_context",
     "caller_id",
     "formats",
+    "endpoint",
 )
 _PROVIDER_KEYS = (*_TEXT_KEYS, "timeout")
 

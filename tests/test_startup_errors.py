@@ -140,6 +140,18 @@ def test_provider_without_its_password(tmp_path: Path) -> None:
     )
 
 
+def test_provider_endpoint_template_with_an_unknown_placeholder(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "r.toml",
+        '[providers.pbx1]\nari_url = "http://127.0.0.1:8088"\nari_user = "rapida"\n'
+        'password_env = "ARI_PASSWORD"\nendpoint = "PJSIP/{number}@{trunk}"\n',
+    )
+    result = run_daemon(tmp_path, f"--config={config}", env={"ARI_PASSWORD": "secret"})
+    line = assert_one_line(result, "rapida-asterisk: providers.pbx1.endpoint: unknown placeholder")
+    assert "secret" not in result.stdout + result.stderr
+    assert "{number}" in line
+
+
 def test_assistant_with_a_bad_url(tmp_path: Path) -> None:
     config = write(tmp_path / "r.toml", '[assistants."123456789"]\nurl = "http://bot.example"\n')
     result = run_daemon(tmp_path, f"--config={config}")
