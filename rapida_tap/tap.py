@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import txaio
 from twisted.application import service
@@ -24,7 +21,7 @@ from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import ConfigError, Settings, build_settings, load_toml
 from rapida_tap.contexts import MemoryContextStore
-from rapida_tap.dialplan import audiosocket_dialplan
+from rapida_tap.dialplan import startup_dialplan
 from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.listeners import Listener, check_listener, one_line_exit
@@ -389,21 +386,6 @@ class Banner(Resource):
         return b""
 
 
-def endpoint_port(endpoint: str) -> str:
-    """The port of a ``tcp:4573`` / ``tcp:port=4573:interface=…`` / ``ssl:8443:…`` string."""
-    match = re.search(r"(?:^|:)(?:port=)?(\d+)(?::|$)", endpoint)
-    return match.group(1) if match else "?"
-
-
-def this_host() -> str:
-    name = socket.gethostname()
-    try:
-        address = socket.gethostbyname(name)
-    except OSError:
-        return "127.0.0.1"
-    return address if not address.startswith("127.") else name
-
-
 def log_start(settings: Settings) -> None:
     log.info(
         "rapida-asterisk {version}: audiosocket={audiosocket} http={http} https={https} "
@@ -420,19 +402,7 @@ def log_start(settings: Settings) -> None:
     )
     if not settings.api_key_generated:
         return
-    if settings.public_url:
-        url = settings.public_url
-        host = urlsplit(url).hostname or this_host()
-    else:
-        host = this_host()
-        scheme, endpoint = ("http", settings.http) if settings.http else ("https", settings.https)
-        url = f"{scheme}://{host}:{endpoint_port(endpoint)}"
-    dialplan = audiosocket_dialplan(
-        rapida_url=url,
-        api_key=settings.api_keys[0],
-        audiosocket_host=host,
-        audiosocket_port=endpoint_port(settings.audiosocket),
-    )
+    dialplan = startup_dialplan(settings)
     log.warn(
         "No API key configured: generated one for this run (it is shown only here): {key}\n"
         "Paste into /etc/asterisk/extensions.conf:\n{dialplan}",

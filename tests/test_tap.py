@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from rapida_tap import tap
+from rapida_tap import dialplan, listeners, tap
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
 from rapida_tap.tls import TlsListener
@@ -142,16 +142,31 @@ def test_bad_file_value_exits_naming_the_setting(tmp_path: Path) -> None:
 
 def test_endpoint_port() -> None:
     table = [
-        ("tcp:4573", "4573"),
-        ("tcp:0:interface=127.0.0.1", "0"),
-        ("tcp:port=8080:interface=127.0.0.1", "8080"),
-        ("tcp:interface=127.0.0.1:port=8081", "8081"),
-        ("ssl:8443:privateKey=key.pem:certKey=cert.pem", "8443"),
-        ("tcp6:4573:interface=\\:\\:1", "4573"),
-        ("unix:/run/rapida.sock", "?"),
+        ("tcp:4573", 4573),
+        ("tcp:0:interface=127.0.0.1", 0),
+        ("tcp:port=8080:interface=127.0.0.1", 8080),
+        ("tcp:interface=127.0.0.1:port=8081", 8081),
+        ("ssl:8443:privateKey=key.pem:certKey=cert.pem", 8443),
+        ("tcp6:4573:interface=\\:\\:1", 4573),
+        ("unix:/run/rapida.sock", None),
+        ("systemd:domain=INET:index=0", None),
     ]
     for endpoint, port in table:
-        assert tap.endpoint_port(endpoint) == port, endpoint
+        assert listeners.endpoint_port(endpoint) == port, endpoint
+
+
+def test_listener_host_is_the_bound_address_or_this_machine() -> None:
+    table = [
+        ("tcp:4573:interface=127.0.0.1", "127.0.0.1"),
+        ("tcp:port=4573:interface=10.0.0.5", "10.0.0.5"),
+        ("tcp6:4573:interface=\\:\\:1", "[::1]"),
+        ("tcp:4573", dialplan.this_host()),
+        ("tcp:4573:interface=0.0.0.0", dialplan.this_host()),
+        ("tcp6:4573:interface=\\:\\:", dialplan.this_host()),
+        ("systemd:domain=INET:index=0", dialplan.this_host()),
+    ]
+    for endpoint, host in table:
+        assert dialplan.listener_host(endpoint) == host, endpoint
 
 
 def key_events(texts: list[str], key: str) -> list[str]:
@@ -196,9 +211,38 @@ class StartLogTests(unittest.TestCase):
             )
         )
         [text] = key_events(texts, key)
-        host = tap.this_host()
+        host = dialplan.this_host()
         self.assertIn(f"RAPIDA_URL = http://{host}:18080\n", text)
         self.assertIn(f"RAPIDA_AS_HOST = {host}\n", text)
+
+    def test_listeners_bound_to_one_address_name_that_address(self) -> None:
+        key = "rpd-generated-key-ghi"
+        texts = self.logs_of(
+            Settings(
+                audiosocket="tcp:14573:interface=127.0.0.1",
+                http="tcp:port=18080:interface=127.0.0.1",
+                api_keys=[key],
+                api_key_generated=True,
+            )
+        )
+        [text] = key_events(texts, key)
+        self.assertIn("RAPIDA_URL = http://127.0.0.1:18080\n", text)
+        self.assertIn("RAPIDA_AS_HOST = 127.0.0.1\n", text)
+        self.assertIn("RAPIDA_PORT = 14573\n", text)
+
+    def test_each_address_follows_its_own_listener(self) -> None:
+        key = "rpd-generated-key-jkl"
+        texts = self.logs_of(
+            Settings(
+                audiosocket="tcp:14573:interface=10.0.0.5",
+                http="tcp:18080",
+                api_keys=[key],
+                api_key_generated=True,
+            )
+        )
+        [text] = key_events(texts, key)
+        self.assertIn(f"RAPIDA_URL = http://{dialplan.this_host()}:18080\n", text)
+        self.assertIn("RAPIDA_AS_HOST = 10.0.0.5\n", text)
 
     def test_configured_key_is_never_logged(self) -> None:
         key = "configured-key-0001"
