@@ -2,9 +2,11 @@
 
 Endpoint strings are parsed while the settings are read (``check_listener``), so a typo or a
 port out of range stops start-up before anything else happens.  A port already in use (or one
-that needs a privilege) can only be found by binding it, which twistd does after
-``makeService``; ``Listener`` turns that failure into a ``ListenFailed`` naming the setting, and
-``one_line_exit`` turns it into twistd's exit with that one line instead of a traceback.
+that needs a privilege) can only be found by binding it: ``check_ports_free`` binds each port
+for a moment in ``makeService``, before twistd logs or forks, so the error is one line like any
+other.  The real bind follows when twistd starts the services; should a port be taken in
+between, ``Listener`` raises a ``ListenFailed`` naming the setting and ``one_line_exit`` turns it
+into twistd's exit with that one line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,11 +22,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 
-from rapida_tap.config import ConfigError
+from rapida_tap.config import ConfigError, Settings
 
 # Endpoint kinds whose first positional argument (or port=) is a TCP port.
 _PORT_KINDS = frozenset({"tcp", "tcp6", "ssl"})
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
+_TLS_FILE_OPTIONS = frozenset({"privateKey", "certKey", "extraCertChain", "dhParameters"})
 
 
 class ListenFailed(ConfigError):
@@ -79,7 +83,12 @@ def check_listener(reactor: Any, name: str, value: str) -> None:
 
 
 def listen_error(name: str, description: str, error: BaseException) -> ListenFailed:
-    """What went wrong binding ``description`` (the ``--name`` listener), in one line."""
+    """What went wrong binding ``description`` (the ``--name`` listener), in one line.
+
+    TLS file options are left out of the endpoint shown: the address is what matters here.
+    """
+    args = _UNESCAPED_COLON.split(description)
+    description = ":".join(a for a in args if a.partition("=")[0] not in _TLS_FILE_OPTIONS)
     cause = getattr(error, "socketError", None) or error
     code = getattr(cause, "errno", None)
     if code == errno.EADDRINUSE:
@@ -91,6 +100,39 @@ def listen_error(name: str, description: str, error: BaseException) -> ListenFai
     else:
         why = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
     return ListenFailed(f"--{name}: {description!r}: cannot listen: {why}")
+
+
+def check_port_free(name: str, description: str) -> None:
+    """Bind the address of a ``tcp:``/``tcp6:``/``ssl:`` listener and let go at once.
+
+    Raises ``ListenFailed`` when the port is in use, needs a privilege or the address is not
+    this machine's.  Port 0 (any free port), ``unix:`` and ``systemd:`` endpoints need no check.
+    """
+    try:
+        port = endpoint_port(description)
+    except ValueError:
+        return  # check_listener has refused it already
+    if not port:
+        return
+    interface = endpoint_interface(description)
+    ipv6 = ":" in interface or description.startswith("tcp6:")
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's own bind
+        probe.bind((interface or ("::" if ipv6 else ""), port))
+    except OSError as e:
+        raise listen_error(name, description, e) from None
+    finally:
+        probe.close()
+
+
+def check_ports_free(settings: Settings) -> None:
+    """``check_port_free`` for every listener the settings turn on."""
+    for name in ("audiosocket", "http", "https", "metrics"):
+        description = getattr(settings, name)
+        if description:
+            check_port_free(name, description)
 
 
 class Listener(StreamServerEndpointService):
@@ -114,14 +156,18 @@ class Listener(StreamServerEndpointService):
 
 
 @contextlib.contextmanager
-def one_line_exit() -> Iterator[None]:
+def one_line_exit(enabled: bool = True) -> Iterator[None]:
     """Turn a ``ConfigError`` raised while starting services into twistd's one-line exit.
 
     twistd binds listeners after ``makeService``, outside the options' error handling; an
     exception there would print a traceback.  ``SystemExit`` with a message prints the message
-    alone and exits with status 1, as a bad option does.
+    alone and exits with status 1, as a bad option does.  Not when twistd has daemonized
+    (``enabled`` false): its parent process waits for an ``Exception`` to report, and would
+    wait for ever after a ``SystemExit``.
     """
     try:
         yield
     except ConfigError as e:
+        if not enabled:
+            raise
         raise SystemExit(f"rapida-asterisk: {e}") from None

@@ -24,7 +24,7 @@ from rapida_tap.contexts import MemoryContextStore
 from rapida_tap.dialplan import startup_dialplan
 from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
-from rapida_tap.listeners import Listener, check_listener, one_line_exit
+from rapida_tap.listeners import Listener, check_listener, check_ports_free, one_line_exit
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import SHUTDOWN
 from rapida_tap.metrics import NodeCollector, NodeMetrics
@@ -211,13 +211,16 @@ class NodeService(service.MultiService):
         self.store = store
         self.reactor = reactor
 
+    #: A listener that fails to bind ends twistd with one line (False when daemonized).
+    one_line_errors = True
+
     def privilegedStartService(self) -> None:
-        with one_line_exit():  # a port in use: one line naming the setting, not a traceback
+        with one_line_exit(self.one_line_errors):
             super().privilegedStartService()
 
     def startService(self) -> None:
         self.store.startService()
-        with one_line_exit():
+        with one_line_exit(self.one_line_errors):
             super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
@@ -421,7 +424,11 @@ def makeService(options: Options) -> service.MultiService:
     txaio.set_global_log_level("error")  # type: ignore[attr-defined]  # bound by use_twisted()
     try:
         daemon = Daemon(settings, reactor, on_drained=reactor.stop)
+        check_ports_free(settings)  # a port in use: one line now, before twistd logs or forks
     except ConfigError as e:
         raise SystemExit(f"rapida-asterisk: {e}") from None
     log_start(settings)
-    return daemon.service()
+    top = daemon.service()
+    twistd = options.parent
+    top.one_line_errors = twistd is None or bool(twistd.get("nodaemon", True))
+    return top

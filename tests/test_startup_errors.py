@@ -173,10 +173,27 @@ def test_http_port_in_use(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
         endpoint = f"tcp:{port}:interface=127.0.0.1"
         result = run_daemon(tmp_path, f"--http={endpoint}")
-    line = assert_one_line(
+    assert_one_line(
         result, f"rapida-asterisk: --http: '{endpoint}': cannot listen: the port is already in use"
     )
-    assert result.stdout.strip().splitlines()[-1] == line  # the last word, after the start-up log
+    assert result.stdout == ""  # found before twistd logs anything
+
+
+def test_http_port_in_use_when_daemonized(tmp_path: Path) -> None:
+    """Without -n, twistd forks; the port is checked before, so the error is the same line."""
+    with taken_port() as sock:
+        endpoint = f"tcp:{sock.getsockname()[1]}:interface=127.0.0.1"
+        args = argv(f"--http={endpoint}")
+        args.remove("--nodaemon")
+        args[args.index("--pidfile=")] = f"--pidfile={tmp_path / 'twistd.pid'}"
+        args.insert(args.index("rapida-asterisk"), f"--logfile={tmp_path / 'twistd.log'}")
+        result = subprocess.run(
+            args, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60
+        )
+    assert_one_line(
+        result, f"rapida-asterisk: --http: '{endpoint}': cannot listen: the port is already in use"
+    )
+    assert result.stdout == ""
 
 
 def test_https_port_in_use(tmp_path: Path) -> None:

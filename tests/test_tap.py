@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from rapida_tap import dialplan, listeners, tap
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
+from rapida_tap.listeners import ListenFailed
 from rapida_tap.tls import TlsListener
 from tests.certs import make_cert
 from tests.support import API_KEY, capture_logs, curl_get, raw_http, register
@@ -337,19 +338,48 @@ class MakeServiceTests(unittest.TestCase):
         self.assertEqual(len(bridge.contexts.store), 0)  # type: ignore[attr-defined]
         self.assertEqual(len(key_events([formatEvent(e) for e in logs.events], key)), 1)
 
-    @defer.inlineCallbacks
-    def test_a_port_in_use_fails_start_up_with_one_line(self) -> Any:
+    def taken_http(self) -> tuple[str, str]:
+        """A port something else listens on, as an --http endpoint, and the one-line error."""
         taken = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
         http = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
-        expected = (
+        return http, (
             f"rapida-asterisk: --http: '{http}': cannot listen: the port is already in use "
             "(another process listens on it)"
         )
+
+    def test_a_port_in_use_stops_makeService_with_one_line(self) -> None:
+        """Found before twistd logs or forks, like any bad setting."""
+        http, expected = self.taken_http()
+        logs = capture_logs(self)
+        caught = self.assertRaises(SystemExit, self.make, "--api-key", API_KEY, "--http", http)
+        self.assertEqual(caught.code, expected)
+        self.assertEqual(logs.events, [])
+
+    @defer.inlineCallbacks
+    def test_a_port_taken_after_makeService_is_one_line_too(self) -> Any:
+        http, expected = self.taken_http()
+        settings = Settings(api_keys=[API_KEY], audiosocket=LOCAL, http=http)
         # twistd binds in privilegedStartService; a service started without it binds in
         # startService. Either way: the one-line exit of a bad option, not CannotListenError.
         for start in ("privilegedStartService", "startService"):
-            top = self.make("--api-key", API_KEY, "--http", http)
+            top = tap.Daemon(settings, reactor).service()
             caught = self.assertRaises(SystemExit, getattr(top, start))
             self.assertEqual(caught.code, expected)
             yield top.stopService()
+
+    @defer.inlineCallbacks
+    def test_daemonized_twistd_gets_an_exception_it_can_report(self) -> Any:
+        """twistd's parent process waits for an Exception from a daemonized child."""
+        self.assertTrue(self.make("--api-key", API_KEY).one_line_errors)  # type: ignore[attr-defined]
+        options = tap.Options()
+        options.parent = {"nodaemon": False}  # type: ignore[assignment]
+        options.parseOptions(["--audiosocket", LOCAL, "--http", LOCAL, "--api-key", API_KEY])
+        self.assertFalse(tap.makeService(options).one_line_errors)  # type: ignore[attr-defined]
+        http, expected = self.taken_http()
+        settings = Settings(api_keys=[API_KEY], audiosocket=LOCAL, http=http)
+        top = tap.Daemon(settings, reactor).service()
+        top.one_line_errors = False
+        caught = self.assertRaises(ListenFailed, top.privilegedStartService)
+        self.assertEqual(f"rapida-asterisk: {caught}", expected)
+        yield top.stopService()
