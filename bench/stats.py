@@ -190,8 +190,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def meets_bar(metrics: Mapping[str, Any]) -> bool:
-    """The quality bar of docs/benchmarks.md: p99 interval error <= 2 ms, no frame lost, no underrun, and
-    every call set up.  Underruns count from the daemon's view when it gave one."""
+    """The quality bar of docs/benchmarks.md: p99 interval error <= 2 ms, no frame lost, no
+    underrun, and every call set up.  Underruns count from the daemon's view when it gave one."""
     underruns = metrics.get("underruns_daemon")
     if underruns is None:
         underruns = metrics["underruns_client"]
