@@ -205,14 +205,14 @@ class NodeService(service.MultiService):
     stop, and the context store closes last.
     """
 
+    #: A listener that fails to bind ends twistd with one line (False when daemonized).
+    one_line_errors = True
+
     def __init__(self, drain: Drain, store: ContextStoreService, reactor: Any = None) -> None:
         super().__init__()
         self.drain = drain
         self.store = store
         self.reactor = reactor
-
-    #: A listener that fails to bind ends twistd with one line (False when daemonized).
-    one_line_errors = True
 
     def privilegedStartService(self) -> None:
         with one_line_exit(self.one_line_errors):
