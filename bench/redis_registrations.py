@@ -1,6 +1,6 @@
 """Registrations per second and claim latency of a node whose contexts are in Redis.
 
-    PYTHONPATH=. /work/venv/bin/python bench/redis_registrations.py [N] [CONCURRENCY]
+    PYTHONPATH=. .venv/bin/python bench/redis_registrations.py [N] [CONCURRENCY]
 
 Starts a private redis-server (tests/redis_server.py) and two daemons sharing it, as in
 docs/operations.md.  Measures, on 127.0.0.1:

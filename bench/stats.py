@@ -14,7 +14,8 @@ from typing import Any
 
 from bench.frames import FRAME_SECONDS, IS_CORRUPT, IS_SILENCE
 
-#: The quality bar of issue 4: p99 outbound interval error at most this (ms), no loss, no underrun.
+#: The quality bar (docs/benchmarks.md): p99 outbound interval error at most this (ms), no loss,
+#: no underrun.
 BAR_INTERVAL_P99_MS = 2.0
 
 
@@ -189,8 +190,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def meets_bar(metrics: Mapping[str, Any]) -> bool:
-    """The issue's quality bar: p99 interval error <= 2 ms, no frame lost, no underrun, and
-    every call set up.  Underruns count from the daemon's view when it gave one."""
+    """The quality bar of docs/benchmarks.md: p99 interval error <= 2 ms, no frame lost, no
+    underrun, and every call set up.  Underruns count from the daemon's view when it gave one."""
     underruns = metrics.get("underruns_daemon")
     if underruns is None:
         underruns = metrics["underruns_client"]

@@ -31,6 +31,8 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 
+from rapida_tap import dialstring
+
 log = Logger(namespace="rapida_tap.ari")
 
 #: Seconds an idle pooled connection is kept.  Below Asterisk's default http.conf
@@ -65,6 +67,7 @@ class AriProvider:
     caller_id: str = ""
     formats: str = "ulaw"
     timeout: float = 10.0
+    endpoint: str = ""  # dial string template, e.g. "Local/{to}@from-rapida"; see dialstring.py
 
     def __post_init__(self) -> None:
         where = f"provider {self.name!r}"
@@ -79,6 +82,15 @@ class AriProvider:
             raise ValueError(f"{where}: trunk must be one endpoint name, without '/' or spaces")
         if not self.timeout > 0:
             raise ValueError(f"{where}: timeout must be a positive number of seconds")
+        try:
+            dialstring.check_template(self.endpoint_template, self.trunk)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @property
+    def endpoint_template(self) -> str:
+        """``endpoint`` if set, else ``{technology}/{trunk}/{to}`` (``{technology}/{to}``)."""
+        return self.endpoint or dialstring.default_template(self.trunk)
 
 
 class InvalidNumber(ValueError):
@@ -110,14 +122,25 @@ def validate_number(number: str) -> str:
 
 
 def build_endpoint(provider: AriProvider, number: str) -> str:
-    """The ARI dial string: ``{tech}/{trunk}/{number}``, or ``{tech}/{number}`` without trunk.
+    """The ARI dial string: the provider's endpoint template filled in with ``number``.
 
     The number is validated first (``InvalidNumber``).
     """
-    number = validate_number(number)
-    if provider.trunk:
-        return f"{provider.endpoint_technology}/{provider.trunk}/{number}"
-    return f"{provider.endpoint_technology}/{number}"
+    return _fill(provider, validate_number(number))
+
+
+def describe_endpoint(provider: AriProvider) -> str:
+    """What the provider dials, for the log: ``PJSIP/my-trunk/<number>``."""
+    return _fill(provider, "<number>")
+
+
+def _fill(provider: AriProvider, to: str) -> str:
+    return dialstring.render(
+        provider.endpoint_template,
+        technology=provider.endpoint_technology,
+        trunk=provider.trunk,
+        to=to,
+    )
 
 
 class AriError(Exception):

@@ -6,6 +6,12 @@ URI-encoded, CURL() has timeouts and failure codes, and the context id is checke
 
 from __future__ import annotations
 
+import socket
+from urllib.parse import urlsplit
+
+from rapida_tap.config import Settings
+from rapida_tap.listeners import endpoint_interface, endpoint_port
+
 AUDIOSOCKET_TEMPLATE = """\
 [globals]
 RAPIDA_URL = {rapida_url}
@@ -52,3 +58,58 @@ SAMPLE_VALUES = dict(
     audiosocket_host="rapida.example.com",
     audiosocket_port=4573,
 )
+
+
+# Interfaces that mean "every address of this machine": the dialplan then names the machine.
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
+
+
+def this_host() -> str:
+    """This machine's address as other machines may reach it: its hostname's address when
+    that is not a loopback one, else the hostname, else ``127.0.0.1``."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return "127.0.0.1"
+    return address if not address.startswith("127.") else name
+
+
+def listener_host(endpoint: str) -> str:
+    """Where Asterisk reaches the listener ``endpoint``: its ``interface=`` when it is bound to
+    one address (``127.0.0.1``, ``10.0.0.5``, ``[::1]``), else this machine."""
+    interface = endpoint_interface(endpoint)
+    if interface in _WILDCARDS:
+        return this_host()
+    return f"[{interface}]" if ":" in interface else interface
+
+
+def _port_text(endpoint: str) -> str:
+    try:
+        port = endpoint_port(endpoint)
+    except ValueError:
+        port = None
+    return "?" if port is None else str(port)
+
+
+def startup_dialplan(settings: Settings) -> str:
+    """The dialplan printed at start-up: this node's URL, AudioSocket address and first key.
+
+    ``public_url`` (how Asterisk reaches the node) wins; otherwise each address is the one its
+    listener is bound to, so a node on ``127.0.0.1`` prints ``127.0.0.1``, not a hostname that
+    resolves elsewhere.
+    """
+    if settings.public_url:
+        url = settings.public_url
+        host = urlsplit(url).hostname or this_host()
+        audiosocket_host = f"[{host}]" if ":" in host else host
+    else:
+        scheme, endpoint = ("http", settings.http) if settings.http else ("https", settings.https)
+        url = f"{scheme}://{listener_host(endpoint)}:{_port_text(endpoint)}"
+        audiosocket_host = listener_host(settings.audiosocket)
+    return audiosocket_dialplan(
+        rapida_url=url,
+        api_key=settings.api_keys[0],
+        audiosocket_host=audiosocket_host,
+        audiosocket_port=_port_text(settings.audiosocket),
+    )

@@ -28,6 +28,7 @@ from rapida_tap.ari import (
     AriProvider,
     AriTimeout,
     build_endpoint,
+    describe_endpoint,
 )
 from rapida_tap.contexts import (
     OUTBOUND,
@@ -111,7 +112,7 @@ class OutboundCalls:
                 name=p.name,
                 url=p.ari_url,
                 user=p.ari_user,
-                endpoint=build_endpoint(p, "000").removesuffix("000") + "<number>",
+                endpoint=describe_endpoint(p),
             )
 
     # -- the API ---------------------------------------------------------------------------

@@ -31,8 +31,9 @@ _TEXT_KEYS = (
     "ws_context",
     "caller_id",
     "formats",
+    "endpoint",
 )
-_PROVIDER_KEYS = (*_TEXT_KEYS, "timeout")
+PROVIDER_KEYS = (*_TEXT_KEYS, "timeout")
 
 
 def parse_providers(
@@ -65,9 +66,9 @@ def _parse_provider(name: str, table: Mapping[str, Any], env: Mapping[str, str])
                 'password_env = "ARI_PASSWORD" (environment) or '
                 'password_credential = "ari-password" (systemd credential)'
             )
-        if key not in _PROVIDER_KEYS:
+        if key not in PROVIDER_KEYS:
             raise ConfigError(
-                f"{where}.{key}: unknown provider setting; known: {', '.join(_PROVIDER_KEYS)}"
+                f"{where}.{key}: unknown provider setting; known: {', '.join(PROVIDER_KEYS)}"
             )
         if key == "timeout":
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -103,7 +104,7 @@ def _parse_provider(name: str, table: Mapping[str, Any], env: Mapping[str, str])
         # AriProvider says "provider 'x': <field> must ..."; name the setting instead.
         text = str(e).split(": ", 1)[-1]
         field, _, rest = text.partition(" ")
-        if field in _PROVIDER_KEYS:
+        if field in PROVIDER_KEYS:
             raise ConfigError(f"{where}.{field}: {rest}") from None
         raise ConfigError(f"{where}: {text}") from None
 

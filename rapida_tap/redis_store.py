@@ -187,7 +187,7 @@ class RedisContextStore:
         self._redis: Any = None
         self._stopped = False
         self._pending: set[defer.Deferred[Any]] = set()
-        self._ok = False
+        self._ok: bool | None = None  # None: no outcome yet since start()
         self._error = "not started"
         self._connect_error = ""
         self.stats: dict[str, float] = {"commands": 0, "errors": 0, "last_latency_ms": 0.0}
@@ -195,7 +195,7 @@ class RedisContextStore:
     @property
     def healthy(self) -> bool:
         """Connected, and the last command (or health PING) succeeded."""
-        return self._ok and self._factory is not None and self._factory.size > 0
+        return bool(self._ok) and self._factory is not None and self._factory.size > 0
 
     @property
     def last_error(self) -> str:
@@ -211,6 +211,7 @@ class RedisContextStore:
         if self._factory is not None:
             return
         self._stopped = False
+        self._ok = None
         self._error = "connecting"
         a = self.address
         factory = txredisapi.RedisFactory(
@@ -353,10 +354,22 @@ class RedisContextStore:
         return d.addCallback(lambda _: None)
 
     def _set_health(self, ok: bool, error: str) -> None:
-        """Record the outcome; log transitions only (one line per outage, not per command)."""
+        """Record the outcome; log transitions only (one line per outage, not per command).
+
+        A Redis that cannot be reached at start-up is logged at once, naming the setting: the
+        node starts anyway (see ``docs/operations.md``), and the log must say why it refuses.
+        """
         if ok != self._ok:
             if ok:
                 self.log.info("context store {address} is up", address=str(self.address))
+            elif self._ok is None:
+                self.log.error(
+                    "contexts: Redis at {address} is unreachable at start-up ({error}); "
+                    "registrations answer 503 and /healthz is not ready until it answers "
+                    "(reconnecting)",
+                    address=str(self.address),
+                    error=error,
+                )
             else:
                 self.log.error("context store is down: {error}", error=error)
         self._ok = ok
@@ -366,6 +379,8 @@ class RedisContextStore:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connect_error = failure.getErrorMessage()
+        if self._ok is None:  # never reached since start(): say so now, not at the first PING
+            self._set_health(False, f"redis: {self._connect_error}")
 
     def _connection_refused(self, failure: Failure) -> None:
         """Authentication or SELECT failed: txredisapi stops retrying for good."""

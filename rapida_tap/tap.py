@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import txaio
-from twisted.application import service, strports
-from twisted.internet import defer, endpoints
+from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
@@ -24,9 +21,10 @@ from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import ConfigError, Settings, build_settings, load_toml
 from rapida_tap.contexts import MemoryContextStore
-from rapida_tap.dialplan import audiosocket_dialplan
+from rapida_tap.dialplan import startup_dialplan
 from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
+from rapida_tap.listeners import Listener, check_listener, check_ports_free, one_line_exit
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.listener import LegListener
 from rapida_tap.metrics import NodeCollector, NodeMetrics
@@ -148,30 +146,11 @@ def load_settings(options: usage.Options, environ: Any) -> Settings:
     for name in ("audiosocket", "http", "metrics"):
         value = getattr(settings, name)
         if value:
-            check_endpoint(reactor, name, value)
+            check_listener(reactor, name, value)
     if not settings.api_keys:
         settings.api_keys = [generate_api_key()]
         settings.api_key_generated = True
     return settings
-
-
-def check_endpoint(reactor: Any, name: str, value: str) -> None:
-    """Parse a listener's endpoint string now, so a typo fails start-up with one line.
-
-    ``systemd:`` endpoints are looked up in the sockets systemd passed (``LISTEN_FDS``), so a
-    missing or misnamed socket unit is reported here rather than as a bare ``KeyError``.
-    """
-    try:
-        endpoints.serverFromString(reactor, value)
-    except (IndexError, KeyError) as e:
-        if value.startswith("systemd:"):
-            raise ConfigError(
-                f"--{name}: {value!r}: systemd passed no such socket ({e}); is the .socket unit "
-                "running, and do its FileDescriptorName= values match?"
-            ) from None
-        raise ConfigError(f"--{name}: {value!r}: {e}") from None
-    except Exception as e:
-        raise ConfigError(f"--{name}: {value!r}: {e}") from None
 
 
 def make_context_store(settings: Settings, reactor: Any) -> IContextStore:
@@ -227,15 +206,23 @@ class NodeService(service.MultiService):
     stop, and the context store closes last.
     """
 
+    #: A listener that fails to bind ends twistd with one line (False when daemonized).
+    one_line_errors = True
+
     def __init__(self, drain: Drain, store: ContextStoreService, reactor: Any = None) -> None:
         super().__init__()
         self.drain = drain
         self.store = store
         self.reactor = reactor
 
+    def privilegedStartService(self) -> None:
+        with one_line_exit(self.one_line_errors):
+            super().privilegedStartService()
+
     def startService(self) -> None:
         self.store.startService()
-        super().startService()
+        with one_line_exit(self.one_line_errors):
+            super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain.start("stopping")
@@ -382,19 +369,16 @@ class Daemon:
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)
         if self.settings.audiosocket:
-            strports.service(
-                self.settings.audiosocket, self.audiosocket, reactor=self.reactor
+            Listener(
+                self.reactor, "audiosocket", self.settings.audiosocket, self.audiosocket
             ).setServiceParent(top)
         if self.settings.http:
-            strports.service(self.settings.http, self.site, reactor=self.reactor).setServiceParent(
-                top
-            )
+            Listener(self.reactor, "http", self.settings.http, self.site).setServiceParent(top)
         if self.tls is not None:
             tls.TlsListener(self.reactor, self.tls_spec, self.tls, self.site).setServiceParent(top)
         if self.metrics_site is not None:
-            strports.service(
-                self.settings.metrics, self.metrics_site, reactor=self.reactor
-            ).setServiceParent(top)
+            metrics = Listener(self.reactor, "metrics", self.settings.metrics, self.metrics_site)
+            metrics.setServiceParent(top)
         return top
 
 
@@ -415,21 +399,6 @@ class Banner(Resource):
         return b""
 
 
-def endpoint_port(endpoint: str) -> str:
-    """The port of a ``tcp:4573`` / ``tcp:port=4573:interface=…`` / ``ssl:8443:…`` string."""
-    match = re.search(r"(?:^|:)(?:port=)?(\d+)(?::|$)", endpoint)
-    return match.group(1) if match else "?"
-
-
-def this_host() -> str:
-    name = socket.gethostname()
-    try:
-        address = socket.gethostbyname(name)
-    except OSError:
-        return "127.0.0.1"
-    return address if not address.startswith("127.") else name
-
-
 def log_start(settings: Settings) -> None:
     log.info(
         "rapida-asterisk {version}: audiosocket={audiosocket} http={http} https={https} "
@@ -446,19 +415,7 @@ def log_start(settings: Settings) -> None:
     )
     if not settings.api_key_generated:
         return
-    if settings.public_url:
-        url = settings.public_url
-        host = urlsplit(url).hostname or this_host()
-    else:
-        host = this_host()
-        scheme, endpoint = ("http", settings.http) if settings.http else ("https", settings.https)
-        url = f"{scheme}://{host}:{endpoint_port(endpoint)}"
-    dialplan = audiosocket_dialplan(
-        rapida_url=url,
-        api_key=settings.api_keys[0],
-        audiosocket_host=host,
-        audiosocket_port=endpoint_port(settings.audiosocket),
-    )
+    dialplan = startup_dialplan(settings)
     log.warn(
         "No API key configured: generated one for this run (it is shown only here): {key}\n"
         "Paste into /etc/asterisk/extensions.conf:\n{dialplan}",
@@ -478,7 +435,11 @@ def makeService(options: Options) -> service.MultiService:
     try:
         internals.check()
         daemon = Daemon(settings, reactor, on_drained=reactor.stop)
+        check_ports_free(settings)  # a port in use: one line now, before twistd logs or forks
     except (ConfigError, internals.LibraryChanged) as e:
         raise SystemExit(f"rapida-asterisk: {e}") from None
     log_start(settings)
-    return daemon.service()
+    top = daemon.service()
+    twistd = options.parent
+    top.one_line_errors = twistd is None or bool(twistd.get("nodaemon", True))
+    return top

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from rapida_tap.config import ConfigError
+from rapida_tap.listeners import listen_error
 
 __all__ = [
     "CIPHERS",
@@ -276,23 +277,30 @@ class TlsListener(service.Service):
         self.port: Any = None
         self._undo: Callable[[], None] | None = None
 
+    def privilegedStartService(self) -> None:
+        """Bind before twistd drops privileges; a failure is one line naming ``--https``."""
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
         super().startService()
+        if self.port is None:
+            self._listen()
+        self._undo = install_reload_signal(self.context.reload, self.reactor)
+
+    def _listen(self) -> None:
         d = tls_server_endpoint(self.reactor, self.spec, self.context).listen(self.factory)
+        failed: list[Any] = []
 
         def listening(port: Any) -> None:
             self.port = port
 
-        def failed(failure: Any) -> None:
-            log.error(
-                "--https: cannot listen on port {port}: {error}",
-                port=self.spec.port,
-                error=failure.getErrorMessage(),
+        d.addCallbacks(listening, failed.append)
+        if failed:  # a TCP/TLS endpoint binds at once: this is start-up, not a later error
+            where = f"ssl:{self.spec.port}" + (
+                f":interface={self.spec.interface}" if self.spec.interface else ""
             )
-            self.reactor.stop()
-
-        d.addCallbacks(listening, failed)
-        self._undo = install_reload_signal(self.context.reload, self.reactor)
+            raise listen_error("https", where, failed[0].value)
 
     def stopService(self) -> Any:
         super().stopService()

@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 
-from tests.fixtures import FIXTURES
+from tests.captures import FIXTURES
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA

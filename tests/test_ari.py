@@ -412,6 +412,42 @@ def test_build_endpoint(tech: str, trunk: str, number: str, endpoint: str) -> No
     assert build_endpoint(provider(endpoint_technology=tech, trunk=trunk), number) == endpoint
 
 
+@pytest.mark.parametrize(
+    ("template", "trunk", "endpoint"),
+    [
+        ("Local/{to}@from-rapida", "", "Local/+4930123456@from-rapida"),
+        ("PJSIP/{to}@{trunk}", "carrier", "PJSIP/+4930123456@carrier"),
+        ("{technology}/{trunk}/{to}", "carrier", "PJSIP/carrier/+4930123456"),
+        ("PJSIP/00{to}@{trunk}", "carrier", "PJSIP/00+4930123456@carrier"),
+        ("Local/{to}@ctx{{x}}", "", "Local/+4930123456@ctx{x}"),
+    ],
+)
+def test_build_endpoint_from_a_template(template: str, trunk: str, endpoint: str) -> None:
+    p = provider(endpoint=template, trunk=trunk)
+    assert build_endpoint(p, "+4930123456") == endpoint
+
+
+@pytest.mark.parametrize(
+    ("template", "trunk", "text"),
+    [
+        ("PJSIP/{number}@{trunk}", "t", "endpoint unknown placeholder {number}"),
+        ("PJSIP/{0}", "", "endpoint unknown placeholder {0}"),
+        ("PJSIP/{to.real}", "", "endpoint unknown placeholder {to.real}"),
+        ("PJSIP/{to!r}", "", "endpoint {to} takes no format"),
+        ("PJSIP/{to:>20}", "", "endpoint {to} takes no format"),
+        ("PJSIP/{trunk}", "t", "must contain {to}"),
+        ("PJSIP/{to}@{trunk}", "", "uses {trunk}, but trunk is not set"),
+        ("PJSIP/{to", "", "is not a valid template"),
+        ("{to}", "", "must be a dial string"),
+        ("Local/{to} @x", "", "must be a dial string"),
+    ],
+)
+def test_bad_endpoint_template_is_refused(template: str, trunk: str, text: str) -> None:
+    with pytest.raises(ValueError, match=r"provider 'pbx1': endpoint") as caught:
+        provider(endpoint=template, trunk=trunk)
+    assert text in str(caught.value)
+
+
 def test_build_endpoint_validates_the_number() -> None:
     with pytest.raises(InvalidNumber):
         build_endpoint(provider(), "100@evil.example")

@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, Kind, encode_frame
 from rapida_tap.reasons import EndReason as reasons
-from tests.fixtures import FIXTURES
+from tests.captures import FIXTURES
 from tests.support import (
     FakeAsterisk,
     capture_logs,

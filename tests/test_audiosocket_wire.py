@@ -26,7 +26,7 @@ from rapida_tap.audiosocket.wire import (
     encode_frame,
     uuid_text,
 )
-from tests.fixtures import FIXTURES
+from tests.captures import FIXTURES
 
 AUDIO_KINDS = sorted(AUDIO_SAMPLE_RATES)
 CTX = uuid.UUID("bb727ffd-d9c3-412f-a9cc-0e20cc55ce94")

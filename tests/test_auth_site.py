@@ -248,6 +248,25 @@ class HealthTests(unittest.TestCase):
         self.assertEqual(body["problems"], {"redis": "connection refused"})
 
     @defer.inlineCallbacks
+    def test_head_answers_like_get_without_a_body_or_a_warning(self) -> Any:
+        logs = capture_logs(self)
+        head = curl_get("/healthz", headers={"Connection": "close"}).replace(b"GET", b"HEAD", 1)
+        get = yield raw_http(
+            self.daemon.http_port, curl_get("/healthz", headers={"Connection": "close"})
+        )
+        for accepting, status in ((True, 200), (False, 503)):
+            self.daemon.bridge.accepting = accepting
+            reply = yield raw_http(self.daemon.http_port, head)
+            self.assertEqual((reply.status, reply.body), (status, b""))
+            self.assertEqual(reply.headers["content-type"], "application/json")
+            if accepting:
+                self.assertEqual(reply.headers["content-length"], str(len(get.body)))
+        text = logs.text()
+        self.assertIn('"HEAD /healthz HTTP/1.1" 503', text)  # the access log still has it
+        self.assertNotIn("message body", text)
+        self.assertNotIn("Warning", text)
+
+    @defer.inlineCallbacks
     def test_banner(self) -> Any:
         reply = yield raw_http(
             self.daemon.http_port, curl_get("/", headers={"Connection": "close"})

@@ -1,10 +1,15 @@
 """The shipped files in etc/ agree with the code."""
 
+import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
-from rapida_tap.config import build_settings
+from rapida_tap.assistants.config import BOT_OPTIONS as ASSISTANT_KEYS
+from rapida_tap.assistants.config import ECHO, parse_assistants
+from rapida_tap.config import SCALARS, TABLES, Settings, build_settings
 from rapida_tap.dialplan import SAMPLE_VALUES, audiosocket_dialplan
+from rapida_tap.providers import PROVIDER_KEYS
 
 ETC = Path(__file__).resolve().parents[1] / "etc"
 
@@ -29,3 +34,60 @@ def test_dialplans_avoid_what_real_asterisk_rejects_or_runs_unsafely() -> None:
 def test_sample_config_is_valid() -> None:
     values = tomllib.loads((ETC / "rapida-asterisk.toml").read_text())
     build_settings(values, {}, {}, [])
+
+
+# --- the sample configuration documents every setting ----------------------------------------
+
+# A commented-out setting or table header: "# name = value", "# [providers.pbx1]".
+_COMMENTED = re.compile(r"^# ?(\[[A-Za-z0-9_.\"-]+\](?:\s+#.*)?|[A-Za-z_][A-Za-z0-9_]* = .*)$")
+
+
+def sample_uncommented() -> dict[str, Any]:
+    """The sample with every commented-out setting put back: all the settings it documents."""
+    lines = []
+    for line in (ETC / "rapida-asterisk.toml").read_text().splitlines():
+        match = _COMMENTED.match(line)
+        lines.append(match.group(1) if match else line)
+    return tomllib.loads("\n".join(lines))
+
+
+def test_sample_config_lists_every_setting_the_daemon_knows() -> None:
+    documented = sample_uncommented()
+    top_level = {key for key, value in documented.items() if not isinstance(value, dict)}
+    assert top_level == set(SCALARS) | {"api_keys"}
+    assert set(documented) - top_level == set(TABLES)
+    (provider,) = documented["providers"].values()
+    assert set(provider) == set(PROVIDER_KEYS)
+    listed = [t for name, t in documented["assistants"].items() if name != "default"]
+    assert set().union(*listed) == set(ASSISTANT_KEYS)
+
+
+def test_sample_config_documents_each_setting_with_its_default() -> None:
+    """A value shown uncommented in the sample is the embedded default, so the file changes
+    nothing until it is edited."""
+    values = tomllib.loads((ETC / "rapida-asterisk.toml").read_text())
+    defaults = Settings()
+    for key, value in values.items():
+        assert getattr(defaults, key) == value, key
+
+
+def test_sample_assistants_leave_unlisted_ids_to_a_404() -> None:
+    """The sample must not set ``assistant``: with its [assistants."123456789"] table put back,
+    an unlisted id is refused (docs/bots.md), not silently given the echo."""
+    values = tomllib.loads((ETC / "rapida-asterisk.toml").read_text())
+    assert "assistant" not in values
+    assert parse_assistants({}, values.get("assistant", ""), {}).default == ECHO
+    documented = sample_uncommented()["assistants"]["123456789"]
+    documented.pop("ca_file")  # a file of the example machine, not of this one
+    spec = parse_assistants(
+        {"123456789": documented}, values.get("assistant", ""), {"SALES_BOT_TOKEN": "t"}
+    )
+    assert spec.default is None
+    assert set(spec.by_id) == {"123456789"}
+
+
+def test_the_key_rule_is_documented_where_keys_are_configured() -> None:
+    rule = "8 to 256"
+    assert rule in (ETC / "rapida-asterisk.toml").read_text()
+    readme = (ETC.parent / "README.rst").read_text()
+    assert "8 to 256 printable characters" in readme

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import TestCase
 
-from rapida_tap import tap
 from rapida_tap.config import ConfigError, Settings
+from rapida_tap.listeners import check_listener
 from rapida_tap.logs import event_as_json, json_logger
 from rapida_tap.tap import Daemon
 from tests.redis_server import free_port
@@ -95,29 +96,38 @@ def test_socket_unit_order_matches_the_endpoints_the_service_names() -> None:
     ]
 
 
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    """systemd's own check of both units. ``.ci/run`` installs systemd-analyze (Debian's
+def test_systemd_analyze_verify_in_the_install_layout() -> None:
+    """systemd's own check of both units, installed as docs/operations.md says, under a
+    temporary root (``.ci/verify-units``). ``.ci/run`` installs systemd-analyze (Debian's
     ``systemd`` package); without it this fails rather than pass unchecked."""
-    analyze = shutil.which("systemd-analyze")
-    assert analyze is not None, "systemd-analyze is missing: apt-get install systemd (.ci/run does)"
-    for name in ("rapida-asterisk.service", "rapida-asterisk.socket"):
-        text = (ETC / name).read_text()
-        # verify checks that ExecStart's program exists: point it at this environment's twistd
-        twistd = Path(sys.executable).with_name("twistd")
-        text = text.replace("/opt/rapida-asterisk/bin/twistd", str(twistd))
-        (tmp_path / name).write_text(text)
+    assert shutil.which("systemd-analyze"), "apt-get install systemd (.ci/run does)"
     out = subprocess.run(
-        [
-            analyze,
-            "verify",
-            str(tmp_path / "rapida-asterisk.service"),
-            str(tmp_path / "rapida-asterisk.socket"),
-        ],
+        ["bash", str(ROOT / ".ci" / "verify-units"), sys.prefix],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
-    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr + out.stdout
+
+
+def test_every_path_the_units_name_is_in_the_documented_layout() -> None:
+    """The layout table of docs/operations.md, the unit and .ci/verify-units agree: a path
+    changed in one of them alone fails here."""
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    table = docs[docs.index("### Install layout") :]
+    table = table[: table.index("\n\n", table.index("| path |"))]
+    documented = set(re.findall(r"^\| `(/[^`]+)`", table, flags=re.MULTILINE))
+    script = (ROOT / ".ci" / "verify-units").read_text()
+    named: set[str] = set()
+    for name in ("rapida-asterisk.service", "rapida-asterisk.socket"):
+        text = (ETC / name).read_text()
+        named |= {p.rstrip(".,") for p in re.findall(r"(?:file://|[=:\s])(/[\w./-]+)", text)}
+        assert f"/etc/systemd/system/{name}" in documented
+    named -= {"/etc/systemd/system/"}  # the install hint in the units' comments
+    assert named, "no paths found in the units"
+    for path in sorted(named):
+        assert path in documented, f"{path} is named by a unit but not in docs/operations.md"
+        assert path.split("/")[-1] in script, f"{path} is not installed by .ci/verify-units"
 
 
 # --- systemd: endpoints -----------------------------------------------------------------------
@@ -144,7 +154,7 @@ class SocketActivationTests(TestCase):
             ("audiosocket", "systemd:domain=INET:index=0"),
             ("http", "systemd:domain=INET:index=1"),
         ]:
-            tap.check_endpoint(reactor, name, endpoint)
+            check_listener(reactor, name, endpoint)
         daemon = Daemon(Settings(api_keys=[API_KEY]), reactor)
         port = http.getsockname()[1]
         http.detach()  # the endpoint adopts a copy and closes this descriptor, as systemd's
@@ -159,7 +169,7 @@ class SocketActivationTests(TestCase):
         self.pass_sockets(self.listening())
         for endpoint in ["systemd:domain=INET:index=1", "systemd:domain=INET:name=http"]:
             with self.assertRaises(ConfigError) as caught:
-                tap.check_endpoint(reactor, "http", endpoint)
+                check_listener(reactor, "http", endpoint)
             self.assertIn("systemd passed no such socket", str(caught.exception))
             self.assertIn("is the .socket unit running", str(caught.exception))
 

@@ -344,6 +344,40 @@ class AriFailureTests(OutboundTestCase):
         self.assertEqual(self.fake.requests[-1].body["context"], "sales")
 
 
+class EndpointTemplateTests(OutboundTestCase):
+    """``endpoint`` templates: through the dialplan (``Local/``) or to a PJSIP endpoint."""
+
+    @defer.inlineCallbacks
+    def test_local_channel_through_the_dialplan_is_answered(self) -> None:
+        self.start({"pbx1": provider_table(self.server.url, endpoint="Local/{to}@from-rapida")})
+        endpoint = "Local/+4930123456@from-rapida"
+        self.fake.behave(endpoint, ANSWER, on_answer=self.answer_like_the_dialplan)
+        reply = yield self.call()
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.fake.requests[0].body["endpoint"], endpoint)
+        yield self.status_becomes(reply.json["context_id"], "connected")
+        self.assertIn(
+            f"outbound provider pbx1: {self.server.url} as rapida, dialling "
+            "Local/<number>@from-rapida",
+            self.logs.text(),
+        )
+
+    @defer.inlineCallbacks
+    def test_pjsip_endpoint_at_a_trunk(self) -> None:
+        self.start({"pbx1": provider_table(self.server.url, endpoint="PJSIP/{to}@{trunk}")})
+        self.fake.behave("PJSIP/+4930123456@trunk", NO_ANSWER)
+        reply = yield self.call()
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.fake.requests[0].body["endpoint"], "PJSIP/+4930123456@trunk")
+
+    @defer.inlineCallbacks
+    def test_the_number_cannot_leave_the_template(self) -> None:
+        self.start({"pbx1": provider_table(self.server.url, endpoint="Local/{to}@from-rapida")})
+        reply = yield self.call(to="100@evil.example")
+        self.assertEqual(reply.status, 400, reply.body)
+        self.assertEqual(self.fake.requests, [])
+
+
 class BadRequestTests(OutboundTestCase):
     @defer.inlineCallbacks
     def test_every_bad_input_gets_a_clear_json_error_and_good_calls_still_work(self) -> None:
@@ -454,3 +488,17 @@ def test_a_bad_provider_stops_the_daemon_with_the_setting_named() -> None:
         )
     else:
         raise AssertionError("no ConfigError")
+
+
+def test_a_bad_endpoint_template_stops_the_daemon_with_the_setting_named() -> None:
+    os.environ[PASSWORD_ENV] = PASSWORD
+    try:
+        table = provider_table("http://pbx:8088", endpoint="PJSIP/{number}@{trunk}")
+        Daemon(Settings(api_keys=[API_KEY], providers={"pbx1": table}), reactor)
+    except ConfigError as e:
+        assert str(e).startswith("providers.pbx1.endpoint: unknown placeholder {number}")
+        assert PASSWORD not in str(e)
+    else:
+        raise AssertionError("no ConfigError")
+    finally:
+        os.environ.pop(PASSWORD_ENV, None)

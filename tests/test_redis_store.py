@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 
 from rapida_tap.contexts import (
@@ -338,6 +338,30 @@ class OutageTests(RedisStoreTestCase):
         self.assertEqual((yield self.store.claim(ctx.context_id)), ctx)
 
     test_down_at_start.timeout = 15  # type: ignore[attr-defined]
+
+    @defer.inlineCallbacks
+    def test_down_at_start_is_logged_once_naming_the_setting(self) -> Any:
+        yield self.server.stop()
+        events: list[dict[str, Any]] = []
+        store = RedisContextStore(
+            reactor, self.server.url, command_timeout=TIMEOUT, health_interval=0.1
+        )
+        store.log = Logger(observer=events.append)
+        store.start()
+        self.addCleanup(store.stop)
+        yield self.assert_all_unavailable(store)  # several reconnects and failed PINGs later...
+        errors = [formatEvent(e) for e in events if e["log_level"] is LogLevel.error]
+        self.assertEqual(len(errors), 1, errors)  # ...still one line
+        # The reason is whichever failed first: the connection attempt or a command.
+        self.assertTrue(
+            errors[0].startswith(f"contexts: Redis at {store.address} is unreachable at start-up"),
+            errors[0],
+        )
+        yield self.server.start()
+        yield eventually(lambda: store.healthy, what="first connection")
+        self.assertIn(f"context store {store.address} is up", formatEvent(events[-1]))
+
+    test_down_at_start_is_logged_once_naming_the_setting.timeout = 15  # type: ignore[attr-defined]
 
     @defer.inlineCallbacks
     def test_wedged_redis_times_out(self) -> Any:

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from rapida_tap.assistants.echo import EchoAssistant
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.contexts import INBOUND, CallContext, ContextStoreUnavailable
-from tests.fixtures import FIXTURES
+from tests.captures import FIXTURES
 from tests.support import (
     API_KEY,
     HttpReply,
@@ -294,9 +294,18 @@ class RefusalTests(unittest.TestCase):
         )
 
     @defer.inlineCallbacks
-    def test_no_assistant_id_or_extra_segments(self) -> Any:
-        for path in [BASE, f"{BASE}/", f"{BASE}/a/b", f"{BASE}/a/", f"{BASE}//a"]:
+    def test_no_assistant_id(self) -> Any:
+        for path in [BASE, f"{BASE}/", f"{BASE}//a"]:
             yield self.refused(self.get(path), 404, "no assistant id in the path")
+
+    @defer.inlineCallbacks
+    def test_extra_segments_after_the_assistant_id(self) -> Any:
+        """``/call/123/extra`` has an assistant id: the log says what is really wrong."""
+        for path in [f"{BASE}/123/extra", f"{BASE}/a/b", f"{BASE}/a/"]:
+            yield self.refused(
+                self.get(path), 404, "unknown path: nothing follows the assistant id"
+            )
+        self.assertNotIn("no assistant id", self.logs.text())
 
     @defer.inlineCallbacks
     def test_unknown_paths_elsewhere(self) -> Any:

@@ -10,13 +10,13 @@ import pytest
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.error import CannotListenError
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from rapida_tap import tap
+from rapida_tap import dialplan, listeners, tap
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
+from rapida_tap.listeners import ListenFailed
 from rapida_tap.tls import TlsListener
 from tests.certs import make_cert
 from tests.support import API_KEY, capture_logs, curl_get, raw_http, register
@@ -143,16 +143,31 @@ def test_bad_file_value_exits_naming_the_setting(tmp_path: Path) -> None:
 
 def test_endpoint_port() -> None:
     table = [
-        ("tcp:4573", "4573"),
-        ("tcp:0:interface=127.0.0.1", "0"),
-        ("tcp:port=8080:interface=127.0.0.1", "8080"),
-        ("tcp:interface=127.0.0.1:port=8081", "8081"),
-        ("ssl:8443:privateKey=key.pem:certKey=cert.pem", "8443"),
-        ("tcp6:4573:interface=\\:\\:1", "4573"),
-        ("unix:/run/rapida.sock", "?"),
+        ("tcp:4573", 4573),
+        ("tcp:0:interface=127.0.0.1", 0),
+        ("tcp:port=8080:interface=127.0.0.1", 8080),
+        ("tcp:interface=127.0.0.1:port=8081", 8081),
+        ("ssl:8443:privateKey=key.pem:certKey=cert.pem", 8443),
+        ("tcp6:4573:interface=\\:\\:1", 4573),
+        ("unix:/run/rapida.sock", None),
+        ("systemd:domain=INET:index=0", None),
     ]
     for endpoint, port in table:
-        assert tap.endpoint_port(endpoint) == port, endpoint
+        assert listeners.endpoint_port(endpoint) == port, endpoint
+
+
+def test_listener_host_is_the_bound_address_or_this_machine() -> None:
+    table = [
+        ("tcp:4573:interface=127.0.0.1", "127.0.0.1"),
+        ("tcp:port=4573:interface=10.0.0.5", "10.0.0.5"),
+        ("tcp6:4573:interface=\\:\\:1", "[::1]"),
+        ("tcp:4573", dialplan.this_host()),
+        ("tcp:4573:interface=0.0.0.0", dialplan.this_host()),
+        ("tcp6:4573:interface=\\:\\:", dialplan.this_host()),
+        ("systemd:domain=INET:index=0", dialplan.this_host()),
+    ]
+    for endpoint, host in table:
+        assert dialplan.listener_host(endpoint) == host, endpoint
 
 
 def key_events(texts: list[str], key: str) -> list[str]:
@@ -197,9 +212,38 @@ class StartLogTests(unittest.TestCase):
             )
         )
         [text] = key_events(texts, key)
-        host = tap.this_host()
+        host = dialplan.this_host()
         self.assertIn(f"RAPIDA_URL = http://{host}:18080\n", text)
         self.assertIn(f"RAPIDA_AS_HOST = {host}\n", text)
+
+    def test_listeners_bound_to_one_address_name_that_address(self) -> None:
+        key = "rpd-generated-key-ghi"
+        texts = self.logs_of(
+            Settings(
+                audiosocket="tcp:14573:interface=127.0.0.1",
+                http="tcp:port=18080:interface=127.0.0.1",
+                api_keys=[key],
+                api_key_generated=True,
+            )
+        )
+        [text] = key_events(texts, key)
+        self.assertIn("RAPIDA_URL = http://127.0.0.1:18080\n", text)
+        self.assertIn("RAPIDA_AS_HOST = 127.0.0.1\n", text)
+        self.assertIn("RAPIDA_PORT = 14573\n", text)
+
+    def test_each_address_follows_its_own_listener(self) -> None:
+        key = "rpd-generated-key-jkl"
+        texts = self.logs_of(
+            Settings(
+                audiosocket="tcp:14573:interface=10.0.0.5",
+                http="tcp:18080",
+                api_keys=[key],
+                api_key_generated=True,
+            )
+        )
+        [text] = key_events(texts, key)
+        self.assertIn(f"RAPIDA_URL = http://{dialplan.this_host()}:18080\n", text)
+        self.assertIn("RAPIDA_AS_HOST = 10.0.0.5\n", text)
 
     def test_configured_key_is_never_logged(self) -> None:
         key = "configured-key-0001"
@@ -294,11 +338,48 @@ class MakeServiceTests(unittest.TestCase):
         self.assertEqual(len(bridge.contexts.store), 0)  # type: ignore[attr-defined]
         self.assertEqual(len(key_events([formatEvent(e) for e in logs.events], key)), 1)
 
-    def test_a_port_in_use_fails_start_up_loudly(self) -> Any:
+    def taken_http(self) -> tuple[str, str]:
+        """A port something else listens on, as an --http endpoint, and the one-line error."""
         taken = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
-        top = self.make(
-            "--api-key", API_KEY, "--http", f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        http = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        return http, (
+            f"rapida-asterisk: --http: '{http}': cannot listen: the port is already in use "
+            "(another process listens on it)"
         )
-        self.assertRaises(CannotListenError, top.startService)
-        return top.stopService()
+
+    def test_a_port_in_use_stops_makeService_with_one_line(self) -> None:
+        """Found before twistd logs or forks, like any bad setting."""
+        http, expected = self.taken_http()
+        logs = capture_logs(self)
+        caught = self.assertRaises(SystemExit, self.make, "--api-key", API_KEY, "--http", http)
+        self.assertEqual(caught.code, expected)
+        self.assertEqual(logs.events, [])
+
+    @defer.inlineCallbacks
+    def test_a_port_taken_after_makeService_is_one_line_too(self) -> Any:
+        http, expected = self.taken_http()
+        settings = Settings(api_keys=[API_KEY], audiosocket=LOCAL, http=http)
+        # twistd binds in privilegedStartService; a service started without it binds in
+        # startService. Either way: the one-line exit of a bad option, not CannotListenError.
+        for start in ("privilegedStartService", "startService"):
+            top = tap.Daemon(settings, reactor).service()
+            caught = self.assertRaises(SystemExit, getattr(top, start))
+            self.assertEqual(caught.code, expected)
+            yield top.stopService()
+
+    @defer.inlineCallbacks
+    def test_daemonized_twistd_gets_an_exception_it_can_report(self) -> Any:
+        """twistd's parent process waits for an Exception from a daemonized child."""
+        self.assertTrue(self.make("--api-key", API_KEY).one_line_errors)  # type: ignore[attr-defined]
+        options = tap.Options()
+        options.parent = {"nodaemon": False}  # type: ignore[assignment]
+        options.parseOptions(["--audiosocket", LOCAL, "--http", LOCAL, "--api-key", API_KEY])
+        self.assertFalse(tap.makeService(options).one_line_errors)  # type: ignore[attr-defined]
+        http, expected = self.taken_http()
+        settings = Settings(api_keys=[API_KEY], audiosocket=LOCAL, http=http)
+        top = tap.Daemon(settings, reactor).service()
+        top.one_line_errors = False
+        caught = self.assertRaises(ListenFailed, top.privilegedStartService)
+        self.assertEqual(f"rapida-asterisk: {caught}", expected)
+        yield top.stopService()

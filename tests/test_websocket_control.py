@@ -28,7 +28,7 @@ from rapida_tap.websocket.control import (
     detect_format,
     parse_event,
 )
-from tests.fixtures import FIXTURES
+from tests.captures import FIXTURES
 
 JSON = ControlFormat.JSON
 PLAIN = ControlFormat.PLAIN_TEXT

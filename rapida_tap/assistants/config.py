@@ -32,7 +32,7 @@ BUILTIN_PARAMETERS = frozenset(
     {"context_id", "assistant_id", "caller", "from_number", "direction", "transport"}
 )
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\$|\$")
-_KEYS = frozenset(
+BOT_OPTIONS = frozenset(
     {"url", "headers", "parameters", "connect_timeout", "on_failure", "ca_file", "account_sid"}
 )
 
@@ -145,9 +145,9 @@ def parse_assistants(
 
 
 def parse_spec(options: Mapping[str, Any], environ: Mapping[str, str], where: str) -> Spec:
-    unknown = sorted(set(options) - _KEYS)
+    unknown = sorted(set(options) - BOT_OPTIONS)
     if unknown:
-        known = ", ".join(sorted(_KEYS))
+        known = ", ".join(sorted(BOT_OPTIONS))
         raise ConfigError(f"{where}: unknown option {unknown[0]!r} (known: {known})")
     raw_url = options.get("url")
     url_where = where if where.startswith("--") else f"{where}.url"

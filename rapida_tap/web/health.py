@@ -45,3 +45,13 @@ class HealthResource(Resource):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode() + b"\n"
+
+    def render_HEAD(self, request: Request) -> bytes:
+        """``curl -I`` and load balancers: a GET's status and headers, no body.
+
+        Without it twisted.web renders the GET and logs a warning on every probe as it drops
+        the body.
+        """
+        body = self.render_GET(request)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""

@@ -105,8 +105,14 @@ class RegistrationResource(Resource):
         if not self._limiter.allow(client, self._bridge.clock.seconds()):
             return self._rate_limited(request, client)
         path = request.postpath or []
-        if len(path) != 1 or not path[0]:
+        if not path or not path[0]:
             return self._refuse(request, http.NOT_FOUND, "no assistant id in the path")
+        if len(path) > 1:
+            return self._refuse(
+                request,
+                http.NOT_FOUND,
+                "unknown path: nothing follows the assistant id in /v1/talk/asterisk/call/{id}",
+            )
         if len(request.uri) > MAX_QUERY:
             return self._refuse(request, http.BAD_REQUEST, "request URI too long")
         params = parse_query(request.uri)
