@@ -16,7 +16,8 @@ from zope.interface import implementer
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, Kind, encode_frame
 from rapida_tap.config import Settings
 from rapida_tap.interfaces import IAssistant, IAssistantSession
-from rapida_tap.tap import ContextStoreService, Daemon
+from rapida_tap.node import Daemon
+from rapida_tap.services import ContextStoreService
 
 API_KEY = "test-key-0123456789"
 

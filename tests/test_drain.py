@@ -18,9 +18,9 @@ from rapida_tap.config import Settings
 from rapida_tap.contexts import CallContext, MemoryContextStore, new_context_id
 from rapida_tap.drain import DRAIN_TIMEOUT, Drain, DrainState
 from rapida_tap.media.bridge import MediaBridge
+from rapida_tap.node import Daemon
 from rapida_tap.reasons import EndReason as reasons
 from rapida_tap.reasons import NotAccepting
-from rapida_tap.tap import Daemon
 from tests.support import (
     API_KEY,
     FakeAsterisk,

@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 from rapida_tap.config import ConfigError, Settings
 from rapida_tap.listeners import check_listener
 from rapida_tap.logs import event_as_json, json_logger
-from rapida_tap.tap import Daemon
+from rapida_tap.node import Daemon
 from tests.redis_server import free_port
 from tests.support import API_KEY, FakeAsterisk, connect_audiosocket, curl_get, raw_http, register
 

@@ -19,7 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from rapida_tap.audiosocket.wire import Kind
 from rapida_tap.config import ConfigError, Settings
-from rapida_tap.tap import Daemon
+from rapida_tap.node import Daemon
 from tests.fake_ari import ANSWER, BUSY, ERROR, HANG, NO_ANSWER, FakeAri, serve_fake_ari
 from tests.support import (
     API_KEY,

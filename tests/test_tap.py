@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from rapida_tap import dialplan, listeners, tap
+from rapida_tap import dialplan, listeners, node, services, tap
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
 from rapida_tap.listeners import ListenFailed
@@ -177,7 +177,7 @@ def key_events(texts: list[str], key: str) -> list[str]:
 class StartLogTests(unittest.TestCase):
     def logs_of(self, settings: Settings) -> list[str]:
         capture = capture_logs(self)
-        tap.log_start(settings)
+        node.log_start(settings)
         return [formatEvent(e) for e in capture.events]
 
     def test_generated_key_is_logged_once_with_a_dialplan(self) -> None:
@@ -297,8 +297,8 @@ class MakeServiceTests(unittest.TestCase):
         self.assertIsInstance(top, service.MultiService)
         children = list(top)
         self.assertEqual(len(children), 4)
-        self.assertIsInstance(children[0], tap.BridgeService)
-        self.assertIsInstance(children[1], tap.OutboundService)
+        self.assertIsInstance(children[0], services.BridgeService)
+        self.assertIsInstance(children[1], services.OutboundService)
         listeners = [c for c in children if isinstance(c, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
         self.assertIsInstance(listeners[0].factory, AudioSocketFactory)
@@ -330,7 +330,7 @@ class MakeServiceTests(unittest.TestCase):
         self.assertEqual(len(ctx), 36)
         reply = yield raw_http(http_port, curl_get("/healthz", headers={"Connection": "close"}))
         self.assertEqual(reply.status, 200)
-        bridge = next(c for c in top if isinstance(c, tap.BridgeService)).bridge
+        bridge = next(c for c in top if isinstance(c, services.BridgeService)).bridge
         self.assertTrue(bridge.accepting)
         yield top.stopService()
         self.assertFalse(top.running)
@@ -363,7 +363,7 @@ class MakeServiceTests(unittest.TestCase):
         # twistd binds in privilegedStartService; a service started without it binds in
         # startService. Either way: the one-line exit of a bad option, not CannotListenError.
         for start in ("privilegedStartService", "startService"):
-            top = tap.Daemon(settings, reactor).service()
+            top = node.Daemon(settings, reactor).service()
             caught = self.assertRaises(SystemExit, getattr(top, start))
             self.assertEqual(caught.code, expected)
             yield top.stopService()
@@ -378,7 +378,7 @@ class MakeServiceTests(unittest.TestCase):
         self.assertFalse(tap.makeService(options).one_line_errors)  # type: ignore[attr-defined]
         http, expected = self.taken_http()
         settings = Settings(api_keys=[API_KEY], audiosocket=LOCAL, http=http)
-        top = tap.Daemon(settings, reactor).service()
+        top = node.Daemon(settings, reactor).service()
         top.one_line_errors = False
         caught = self.assertRaises(ListenFailed, top.privilegedStartService)
         self.assertEqual(f"rapida-asterisk: {caught}", expected)

@@ -288,7 +288,7 @@ class DaemonHttpsTest(unittest.TestCase):
     @defer.inlineCallbacks
     def test_daemon_https_listener_installs_and_removes_the_sighup_reload(self) -> Any:
         from rapida_tap.config import Settings
-        from rapida_tap.tap import Daemon
+        from rapida_tap.node import Daemon
 
         directory = Path(self.mktemp())
         directory.mkdir()

@@ -1,0 +1,222 @@
+"""One node wired from its settings: the bridge, the listeners, the web site and the services.
+
+``tap.makeService`` builds a ``Daemon`` on the global reactor; tests build one on their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from rapida_tap import __version__, tls
+from rapida_tap.assistants.config import build_registry, parse_assistants
+from rapida_tap.assistants.registry import AssistantRegistry
+from rapida_tap.audiosocket.protocol import AudioSocketFactory
+from rapida_tap.config import ConfigError, Settings
+from rapida_tap.contexts import MemoryContextStore
+from rapida_tap.dialplan import startup_dialplan
+from rapida_tap.drain import Drain, DrainState
+from rapida_tap.interfaces import IContextStore
+from rapida_tap.listeners import Listener
+from rapida_tap.media.bridge import MediaBridge
+from rapida_tap.media.listener import LegListener
+from rapida_tap.metrics import NodeCollector, NodeMetrics
+from rapida_tap.outbound import OutboundCalls
+from rapida_tap.providers import parse_providers
+from rapida_tap.ratelimit import RateLimiter
+from rapida_tap.redis_store import RedisContextStore, RedisURLError
+from rapida_tap.services import BridgeService, ContextStoreService, NodeService, OutboundService
+from rapida_tap.web.admin import DrainResource
+from rapida_tap.web.auth import ApiKeys
+from rapida_tap.web.calls import CallsResource
+from rapida_tap.web.health import HealthResource
+from rapida_tap.web.registration import RegistrationResource
+from rapida_tap.web.site import PathTree, make_site, mount
+from rapida_tap.websocket.factory import MediaWebSocketFactory
+from rapida_tap.websocket.resource import MediaWebSocketResource
+
+log = Logger(namespace="rapida_tap")
+
+
+def make_context_store(settings: Settings, reactor: Any) -> IContextStore:
+    """The memory store, or Redis for ``redis://`` (started and stopped by ``NodeService``)."""
+    if settings.contexts == "memory":
+        return MemoryContextStore(reactor)
+    try:
+        return RedisContextStore(reactor, settings.contexts)
+    except RedisURLError as e:
+        raise ConfigError(f"--contexts: {e}") from None
+
+
+def make_assistants(settings: Settings, reactor: Any) -> AssistantRegistry:
+    spec = parse_assistants(settings.assistants, settings.assistant, os.environ)
+    return build_registry(spec, reactor)
+
+
+class Daemon:
+    """Everything one node runs, built from settings; tests build it with their own reactor."""
+
+    def __init__(
+        self, settings: Settings, reactor: Any, on_drained: Callable[[], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.contexts = make_context_store(settings, reactor)
+        self.bridge = MediaBridge(
+            clock=reactor,
+            contexts=self.contexts,  # timed for metrics below
+            assistants=make_assistants(settings, reactor),
+            idle_timeout=settings.idle_timeout,
+        )
+        self.keys = ApiKeys(settings.api_keys)
+        self.audiosocket = AudioSocketFactory(
+            LegListener(
+                self.bridge,
+                "audiosocket",
+                stall_timeout=settings.stall_timeout,
+                max_connections=settings.max_connections,
+            ),
+            id_timeout=settings.id_timeout,
+            max_audio_payload=settings.max_audio_payload,
+        )
+        self.registration = RegistrationResource(
+            self.bridge,
+            self.keys,
+            RateLimiter(settings.rate_limit, settings.rate_burst),
+            context_ttl=settings.context_ttl,
+        )
+        self.outbound = OutboundCalls(
+            self.bridge,
+            parse_providers(settings.providers, os.environ),
+            clock=reactor,
+            ring_timeout=settings.ring_timeout,
+            check_interval=settings.ring_check_interval,
+        )
+        self.drain = Drain(self.bridge, reactor, settings.drain_timeout)
+        self.health = HealthResource(self.bridge)
+        self.health.checks["drain"] = self._drain_check
+        store_healthy: Callable[[], bool] | None = None
+        if isinstance(self.contexts, RedisContextStore):
+            store = self.contexts
+            self.health.checks["contexts"] = lambda: (store.healthy, store.last_error)
+            store_healthy = lambda: store.healthy  # noqa: E731
+        self.root = PathTree()
+        self.root.putChild(b"", Banner())
+        mount(self.root, "v1/talk/asterisk/call", self.registration)
+        mount(self.root, "v1/talk/asterisk/calls", CallsResource(self.outbound, self.keys))
+        mount(self.root, "healthz", self.health)
+        self.websocket = MediaWebSocketFactory(
+            LegListener(
+                self.bridge,
+                "websocket",
+                stall_timeout=settings.stall_timeout,
+                ping_interval=settings.ws_ping_interval,
+                max_connections=settings.ws_max_connections,
+            ),
+            handshake_timeout=settings.ws_handshake_timeout,
+            start_timeout=settings.ws_start_timeout,
+            max_message=settings.ws_max_message,
+            max_text=settings.ws_max_text,
+            lead_frames=settings.ws_lead_frames,
+        )
+        mount(self.root, "v1/talk/asterisk/ctx", MediaWebSocketResource(self.websocket))
+        mount(self.root, "admin/drain", DrainResource(self.drain, self.keys, on_drained))
+        self.metrics = NodeMetrics(self.bridge)
+        self.bridge.contexts = self.metrics.timed_store(self.contexts, reactor)
+        self.metrics.add(
+            NodeCollector(
+                self.bridge,
+                replies=self.registration.replies,
+                transports={
+                    "audiosocket": self.audiosocket.listener,
+                    "websocket": self.websocket.listener,
+                },
+                store_healthy=store_healthy,
+            )
+        )
+        self.metrics_site: Site | None = None
+        if settings.metrics:
+            metrics_root = PathTree()
+            mount(metrics_root, "metrics", self.metrics.resource())
+            self.metrics_site = make_site(metrics_root)
+        else:
+            mount(self.root, "metrics", self.metrics.resource())
+        self.tls: tls.TlsServerContext | None = None
+        if settings.https:
+            self.tls_spec = tls.parse_tls_endpoint(settings.https)
+            self.tls = tls.TlsServerContext(self.tls_spec)
+        self.site = make_site(self.root)
+
+    def _drain_check(self) -> tuple[bool, str]:
+        if self.drain.state is DrainState.SERVING:
+            return True, ""
+        if self.drain.state is DrainState.DRAINED:
+            return False, "drained"
+        return False, (
+            f"draining: {len(self.bridge.calls)} call(s) left, "
+            f"{self.drain.remaining:.0f} s until they are ended"
+        )
+
+    def service(self) -> NodeService:
+        top = NodeService(self.drain, ContextStoreService(self.contexts), self.reactor)
+        BridgeService(self.bridge).setServiceParent(top)
+        OutboundService(self.outbound).setServiceParent(top)
+        if self.settings.audiosocket:
+            Listener(
+                self.reactor, "audiosocket", self.settings.audiosocket, self.audiosocket
+            ).setServiceParent(top)
+        if self.settings.http:
+            Listener(self.reactor, "http", self.settings.http, self.site).setServiceParent(top)
+        if self.tls is not None:
+            tls.TlsListener(self.reactor, self.tls_spec, self.tls, self.site).setServiceParent(top)
+        if self.metrics_site is not None:
+            metrics = Listener(self.reactor, "metrics", self.settings.metrics, self.metrics_site)
+            metrics.setServiceParent(top)
+        return top
+
+
+class Banner(Resource):
+    """``GET /``: a connectivity check (``curl https://host/``) that names the service."""
+
+    isLeaf = True
+    body = b"rapida-asterisk\n"
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return self.body
+
+    def render_HEAD(self, request: Any) -> bytes:
+        """``curl -I``: the headers of a GET, no body (twisted.web warns about one)."""
+        request.setHeader(b"content-type", b"text/plain")
+        request.setHeader(b"content-length", b"%d" % len(self.body))
+        return b""
+
+
+def log_start(settings: Settings) -> None:
+    log.info(
+        "rapida-asterisk {version}: audiosocket={audiosocket} http={http} https={https} "
+        "assistant={assistant} contexts={contexts} metrics={metrics} "
+        "drain_timeout={drain_timeout:g}s",
+        version=__version__,
+        audiosocket=settings.audiosocket or "off",
+        http=settings.http or "off",
+        https=settings.https or "off",
+        assistant=parse_assistants(settings.assistants, settings.assistant, os.environ).describe(),
+        contexts=settings.contexts.split("@")[-1],
+        metrics=settings.metrics or "/metrics on http",
+        drain_timeout=settings.drain_timeout,
+    )
+    if not settings.api_key_generated:
+        return
+    dialplan = startup_dialplan(settings)
+    log.warn(
+        "No API key configured: generated one for this run (it is shown only here): {key}\n"
+        "Paste into /etc/asterisk/extensions.conf:\n{dialplan}",
+        key=settings.api_keys[0],
+        dialplan=dialplan,
+    )
