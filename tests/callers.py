@@ -9,8 +9,6 @@ out and in, DTMF digits, a hangup, and what the daemon did to end the call.
 from __future__ import annotations
 
 import json
-import math
-import struct
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor, task
@@ -18,7 +16,7 @@ from twisted.internet import defer, protocol, reactor, task
 from rapida_tap.audiosocket.wire import Kind, encode_frame
 from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
 from tests import fake_chan_websocket as fc
-from tests.support import API_KEY, FakeAsterisk, connect_audiosocket, register
+from tests.support import API_KEY, FakeAsterisk, connect_audiosocket, register, tone_frame
 
 
 class Caller:
@@ -96,15 +94,6 @@ class Talker:
 
     def stop(self) -> None:
         self._stop(None)
-
-
-def tone_frame(index: int, hz: float = 440.0, amplitude: int = 8000) -> bytes:
-    """Frame ``index`` of an endless 8 kHz tone: `tests.support.tone` frame by frame."""
-    n = 160
-    return struct.pack(
-        f"<{n}h",
-        *(int(amplitude * math.sin(2 * math.pi * hz * (index * n + i) / 8000)) for i in range(n)),
-    )
 
 
 class AudioSocketCaller(Caller):
