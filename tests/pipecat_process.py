@@ -52,7 +52,7 @@ class PipecatBotProcess(protocol.ProcessProtocol):
         *lines, self._line = (self._line + data).split(b"\n")
         for line in lines:
             if line.strip():
-                self._event(json.loads(line))
+                self._event(_parse_line(line))
         self._check()
 
     def errReceived(self, data: bytes) -> None:
@@ -153,6 +153,17 @@ class PipecatBotProcess(protocol.ProcessProtocol):
             return result
 
         return gone.addBoth(cancel)
+
+
+def _parse_line(line: bytes) -> dict[str, Any]:
+    """One stdout line as the bot's report; anything else something printed is kept as text."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if isinstance(event, dict) and isinstance(event.get("event"), str):
+        return event
+    return {"event": "stdout", "call": None, "text": line.decode("utf-8", "replace")}
 
 
 class NoPipecat(Exception):

@@ -222,7 +222,21 @@ class PipecatOverChanWebSocketTests(PipecatCallTests, unittest.TestCase):
     connect_caller = staticmethod(call_over_chan_websocket)
 
 
-class BotInterpreterTests(unittest.SynchronousTestCase):
+class BotProcessTests(unittest.SynchronousTestCase):
+    def test_reports_are_read_line_by_line_whatever_the_chunks(self) -> None:
+        bot = PipecatBotProcess()
+        ports: list[int] = []
+        bot.listening.addCallback(ports.append)
+        bot.outReceived(b'{"event": "listen')
+        bot.outReceived(b'ing", "port": 4321}\nnot json\n')
+        bot.outReceived(b'{"event": "ready", "call": "CA1"}\n[1]\n{"ev')
+        self.assertEqual(ports, [4321])
+        self.assertEqual(bot.url, "ws://127.0.0.1:4321/ws")
+        events = [e["event"] for e in bot.events]
+        self.assertEqual(events, ["listening", "stdout", "ready", "stdout"])
+        self.assertEqual(bot.events[1]["text"], "not json")
+        self.assertEqual(bot.of("ready", "CA1"), [{"event": "ready", "call": "CA1"}])
+
     def test_a_missing_pipecat_environment_fails_saying_how_to_make_it(self) -> None:
         self.patch(os, "environ", {**os.environ, PYTHON_ENV: "/nonexistent/bin/python"})
         with self.assertRaises(NoPipecat) as caught:
