@@ -50,7 +50,10 @@ def log_counts(log: bytes) -> dict[str, Any]:
 @defer.inlineCallbacks
 def one_call(server: servers.Server, transport: str) -> Any:
     """One call that talks until the daemon hangs up; fires with ``(call_sid, outcome, right)``."""
-    caller: Caller = yield CALLERS[transport](server, ASSISTANT, api_key=servers.API_KEY)
+    try:
+        caller: Caller = yield CALLERS[transport](server, ASSISTANT, api_key=servers.API_KEY)
+    except Exception as e:
+        return "", f"call not set up: {e}", False
     caller.talk()
     timer = reactor.callLater(CALL_TIMEOUT, caller.hang_up)
     yield caller.closed
