@@ -16,6 +16,10 @@ the path (``.../ctx/<id>``).  This module only adapts Autobahn to the shared lif
 4. The end: Asterisk's close frame is a caller hangup at once (its TCP reset right after is
    normal); the daemon ends a call with ``HANGUP`` then close 1000.
 
+Audio is in the format ``MEDIA_START`` names (``ulaw``, ``alaw``, ``slin``, ``slin16`` and the
+other ``slinNN``: ``rapida_tap.websocket.formats``); the leg decodes it and converts its rate
+to the call's (one soxr step, none when they agree), and back.
+
 The pacer's silence ticks send nothing: Asterisk plays its own silence when its queue is
 empty, and silence frames would only delay the next words; ``lead_frames`` frames go ahead
 when speech starts, so Asterisk's 20 ms timer never finds the queue empty between our ticks.
@@ -23,6 +27,7 @@ when speech starts, so Asterisk's 20 ms timer never finds the queue empty betwee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -35,7 +40,7 @@ from zope.interface import implementer
 from rapida_tap import internals
 from rapida_tap.contexts import ContextStoreUnavailable
 from rapida_tap.interfaces import ICallLeg
-from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
+from rapida_tap.media.codec import RateMatch
 from rapida_tap.media.lifecycle import (
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
@@ -47,6 +52,7 @@ from rapida_tap.media.listener import peer_text
 from rapida_tap.reasons import EndReason, Refusal
 from rapida_tap.websocket import commands, control
 from rapida_tap.websocket.control import ControlError, ControlFormat
+from rapida_tap.websocket.formats import MediaFormat, default_frame_size
 from rapida_tap.websocket.framing import MediaFramer, binary_frame
 from rapida_tap.websocket.handshake import (
     SUBPROTOCOL,
@@ -82,6 +88,11 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self.detail = ""
         self.lead_frames = 0
         self.xoff_count = 0
+        self.media_format: MediaFormat | None = None
+        self.sample_rate: int | None = None  # the wire's rate, from MEDIA_START
+        self._inbound: Callable[[bytes], bytes] | None = None  # wire -> call, once set up
+        self._outbound: Callable[[bytes], bytes] = bytes
+        self._odd = 0  # 1 for slin: a message of odd length splits a sample
         self._framer = MediaFramer()
         self._marks = commands.MarkTracker()
         self._mark_names: dict[str, str] = {}
@@ -183,8 +194,11 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
             if isBinary:
                 call = lifecycle.call
                 if call is not None:
-                    if payload:
-                        call.audio_received(ulaw_to_pcm(payload))  # the hot path
+                    if len(payload) & self._odd:
+                        lifecycle.protocol_error(f"{len(payload)}-byte message of 16-bit slin")
+                    elif payload:
+                        inbound = self._inbound or self._convert_for(call)
+                        call.audio_received(inbound(payload))  # the hot path
                 elif lifecycle.phase is Phase.AWAITING_ID:
                     lifecycle.protocol_error("binary message before MEDIA_START")
                 return  # audio while the context is being claimed is dropped
@@ -218,12 +232,21 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self.fmt = control.detect_format(text)
         self.media_start = event
         try:
-            check_media_start(event, lifecycle.context_id)
+            fmt = check_media_start(event, lifecycle.context_id)
         except HandshakeRefused as e:
             lifecycle.refuse(e.reason, e.detail, CLOSE_POLICY)
             return
-        self._framer = MediaFramer(frame_size_of(event))
-        self.detail = f" channel={event.channel} channel_id={event.channel_id} control={self.fmt}"
+        self.media_format = fmt
+        self.sample_rate = fmt.rate
+        self._odd = 1 if fmt.to_pcm is None else 0
+        size = frame_size_of(event, default_frame_size(fmt))
+        if fmt.to_pcm is None and size % 2:
+            size = default_frame_size(fmt)  # slin is 2 bytes a sample: never split one
+        self._framer = MediaFramer(size, fmt.silence)
+        self.detail = (
+            f" channel={event.channel} channel_id={event.channel_id} control={self.fmt}"
+            f" format={fmt.name}"
+        )
         lifecycle.identified(lifecycle.context_id)
 
     def _event(self, lifecycle: LegLifecycle, event: control.Event) -> None:
@@ -270,12 +293,25 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     def onPong(self, payload: bytes) -> None:
         self._lifecycle().heard()
 
+    def _convert_for(self, call: Call) -> Callable[[bytes], bytes]:
+        """Set up both directions between the wire format and the call's rate (once)."""
+        fmt = self.media_format
+        assert fmt is not None, "a call starts only after MEDIA_START"
+        match = RateMatch(fmt.rate, call.caller_rate_is(fmt.rate))
+        self._inbound = _chain(fmt.to_pcm, match.to_call)
+        self._outbound = _chain(match.to_wire, fmt.from_pcm)
+        return self._inbound
+
     # -- ICallLeg: the pacer and the call drive these -------------------------------------
 
     def send_audio(self, frame: bytes) -> bool:
         if not self._lifecycle().writable:
             return False
-        data = self._framer.push(pcm_to_ulaw(frame))
+        if self._inbound is None:
+            call = self.call
+            if call is not None:
+                self._convert_for(call)
+        data = self._framer.push(self._outbound(frame))
         if data:
             self._send_binary(data)
         return True
@@ -391,6 +427,15 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         super().connectionLost(reason)
         if self.lifecycle is not None:
             self.lifecycle.connection_lost()
+
+
+def _chain(first: Callable[[bytes], bytes] | None, then: Callable[[bytes], bytes] | None) -> Any:
+    """``then(first(x))``, leaving out a step that is ``None`` (``bytes`` when both are)."""
+    if first is None:
+        return then or bytes
+    if then is None:
+        return first
+    return lambda data: then(first(data))
 
 
 @implementer(interfaces.IPushProducer)
