@@ -18,8 +18,8 @@ from twisted.logger import LogLevel, eventAsText
 from twisted.trial import unittest
 
 from rapida_tap.assistants.upstream import stream_sids
-from rapida_tap.media.call import ASSISTANT_HANGUP, CALLER_HANGUP
 from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
+from rapida_tap.reasons import EndReason
 from tests.callers import Caller, call_over_audiosocket, call_over_chan_websocket
 from tests.pipecat_process import (
     PYTHON_ENV,
@@ -30,6 +30,7 @@ from tests.pipecat_process import (
 )
 from tests.support import capture_logs, start_daemon, tone, wait_until
 
+ASSISTANT_HANGUP, CALLER_HANGUP = EndReason.ASSISTANT_HANGUP, EndReason.CALLER_HANGUP
 ASSISTANT = "pipecat"
 FRAME_BYTES = 320
 
