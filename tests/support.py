@@ -284,12 +284,14 @@ class RecordingSession:
 
 @implementer(IAssistant)
 class RecordingAssistant:
-    """Connects every call to a new ``RecordingSession`` (kept in ``sessions``)."""
+    """Connects every call to a new ``RecordingSession`` (kept in ``sessions``); with
+    ``sample_rate``, its calls run at that rate, as a bot's do."""
 
     name = "recorder"
 
-    def __init__(self) -> None:
+    def __init__(self, sample_rate: int | None = None) -> None:
         self.sessions: list[RecordingSession] = []
+        self.sample_rate = sample_rate
 
     def connect(self, call: Any) -> defer.Deferred[IAssistantSession]:
         session = RecordingSession(call)

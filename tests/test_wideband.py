@@ -12,13 +12,15 @@ import numpy as np
 from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
-from rapida_tap.audiosocket.wire import AUDIO_SAMPLE_RATES, Kind
+from rapida_tap.assistants.registry import AssistantRegistry
+from rapida_tap.audiosocket.wire import AUDIO_SAMPLE_RATES, Kind, encode_frame
 from rapida_tap.media.audio import frame_bytes
-from rapida_tap.media.codec import alaw_to_pcm, pcm_to_alaw, ulaw_to_pcm
+from rapida_tap.media.codec import alaw_to_pcm, pcm_to_alaw, pcm_to_ulaw, ulaw_to_pcm
 from tests import fake_chan_websocket as fc
 from tests.fake_bot import FakeBot
 from tests.support import (
     FakeAsterisk,
+    RecordingAssistant,
     capture_logs,
     connect_audiosocket,
     register,
@@ -170,3 +172,62 @@ class RatesThatDifferTests(TestCase):
         at_bot = ulaw_to_pcm(bot.streams[0].caller_audio()[20 * 160 :])
         self.assertGreater(share_at(at_bot, 8000, 1000), 0.9)
         self.assertLess(share_at(at_bot, 8000, 2000), 0.01)  # 6 kHz would alias to 2 kHz
+
+
+class LegConversionTests(TestCase):
+    """A 16 kHz assistant behind 8 kHz legs: each leg converts, once each way."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.daemon = start_daemon(self)
+        self.recorder = RecordingAssistant(sample_rate=16000)
+        self.daemon.bridge.assistants = AssistantRegistry(default=self.recorder)
+
+    @defer.inlineCallbacks
+    def test_audiosocket_8khz_caller_and_a_16khz_assistant_that_speaks_first(self) -> Any:
+        ctx = yield register(self.daemon.http_port)
+        client = FakeAsterisk(ctx)
+        yield connect_audiosocket(self.daemon.as_port, client)
+        self.addCleanup(lambda: client.closed)
+        self.addCleanup(client.transport.loseConnection)
+        yield wait_until(lambda: self.recorder.sessions)
+        session = self.recorder.sessions[0]
+        call = session.call
+        self.assertEqual((call.caller_rate, call.rate, call.frame_bytes), (None, 16000, 640))
+        call.play(b"".join(tone(25, hz=1000, rate=16000)))  # a greeting before any caller audio
+        yield wait_until(lambda: sum(any(r.payload) for r in client.audio()) >= 20)
+        greeting = [r for r in client.audio() if any(r.payload)]
+        self.assertEqual({(r.kind, len(r.payload)) for r in greeting}, {(Kind.SLIN_8K, 320)})
+        self.assertGreater(share_at(b"".join(r.payload for r in greeting[2:]), 8000, 1000), 0.9)
+        for frame in tone(10, hz=1000):
+            client.send(encode_frame(Kind.SLIN_8K, frame))
+        yield wait_until(lambda: len(session.audio) >= 10)
+        self.assertEqual({len(pcm) for pcm in session.audio[1:]}, {640})
+        self.assertEqual((call.caller_rate, call.rate, call.assistant_rate), (8000, 16000, 16000))
+        self.assertGreater(share_at(b"".join(session.audio[2:]), 16000, 1000), 0.9)
+
+    @defer.inlineCallbacks
+    def test_chan_websocket_ulaw_caller_and_a_16khz_assistant(self) -> Any:
+        ctx = yield register(self.daemon.http_port)
+        client = fc.FakeChanWebSocket(fc.upgrade_request(f"/v1/talk/asterisk/ctx?ctx={ctx}"))
+        yield protocol.ClientCreator(reactor, lambda: client).connectTCP(
+            "127.0.0.1", self.daemon.http_port
+        )
+        yield client.handshake
+        client.send_text(fc.media_start_json(ctx))
+        self.addCleanup(lambda: client.closed)
+        self.addCleanup(client.close_like_asterisk)
+        yield wait_until(lambda: self.recorder.sessions)
+        session = self.recorder.sessions[0]
+        call = session.call
+        self.assertEqual((call.caller_rate, call.rate), (8000, 16000))
+        for frame in tone(10, hz=1000):
+            client.send_audio(pcm_to_ulaw(frame))
+        yield wait_until(lambda: len(session.audio) >= 10)
+        self.assertEqual({len(pcm) for pcm in session.audio[1:]}, {640})
+        call.play(b"".join(tone(10, hz=1000, rate=16000)))
+        yield wait_until(lambda: len(b"".join(client.audio())) >= 8 * 160)
+        self.assertEqual({len(m) % 160 for m in client.audio()}, {0})
+        heard = ulaw_to_pcm(b"".join(client.audio()))
+        self.assertGreater(share_at(heard[640:], 8000, 1000), 0.9)

@@ -425,6 +425,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self._inbound, self._outbound = None, bytes  # the resamplers' native state
         if self.lifecycle is not None:
             self.lifecycle.connection_lost()
 
