@@ -9,6 +9,7 @@ it in the provider's place (the WebSocket client): the messages it sends (``open
 from __future__ import annotations
 
 import binascii
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ def b64(data: bytes) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
+dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class Dialect(ABC):
     """One provider's media-stream protocol for one call (see the module docstring).
 
@@ -105,6 +109,11 @@ class Dialect(ABC):
             if encoding in (None, fmt.encoding) and rate in (None, fmt.rate):
                 return fmt
         return None
+
+    def next_number(self) -> int:
+        """The next message's sequence number (from 1)."""
+        self.sequence += 1
+        return self.sequence
 
     def audio_ms(self, pcm: bytes) -> int:
         """The stream position of ``pcm`` in ms (before it), and count it as sent."""

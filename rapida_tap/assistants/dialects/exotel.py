@@ -13,10 +13,9 @@ sends ``connected``, ``start`` (``start.stream_sid``, ``call_sid``, ``account_si
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from rapida_tap.assistants.dialects.base import L16, AudioFormat, Dialect, b64
+from rapida_tap.assistants.dialects.base import L16, AudioFormat, Dialect, b64, dumps
 from rapida_tap.assistants.mediastreams import (
     BotClear,
     BotMark,
@@ -27,8 +26,6 @@ from rapida_tap.assistants.mediastreams import (
     media_payload,
 )
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-
 
 class Exotel(Dialect):
     name = "exotel"
@@ -38,15 +35,11 @@ class Exotel(Dialect):
     def stream_sid(self) -> str:
         return self.call.context_id.replace("-", "")
 
-    def _next(self) -> int:
-        self.sequence += 1
-        return self.sequence
-
     def opening(self) -> list[str]:
         call = self.call
         start = {
             "event": "start",
-            "sequence_number": self._next(),
+            "sequence_number": self.next_number(),
             "stream_sid": self.stream_sid,
             "start": {
                 "stream_sid": self.stream_sid,
@@ -62,48 +55,48 @@ class Exotel(Dialect):
                 },
             },
         }
-        return [_dumps({"event": "connected"}), _dumps(start)]
+        return [dumps({"event": "connected"}), dumps(start)]
 
     def media(self, pcm: bytes) -> str:
         self.chunk += 1
-        return _dumps(
+        return dumps(
             {
                 "event": "media",
-                "sequence_number": self._next(),
+                "sequence_number": self.next_number(),
                 "stream_sid": self.stream_sid,
                 "media": {
                     "chunk": self.chunk,
                     "timestamp": str(self.audio_ms(pcm)),
-                    "payload": b64(pcm),
+                    "payload": b64(self.audio.encode(pcm)),
                 },
             }
         )
 
     def dtmf(self, digit: str) -> str:
-        return _dumps(
+        return dumps(
             {
                 "event": "dtmf",
-                "sequence_number": self._next(),
+                "sequence_number": self.next_number(),
                 "stream_sid": self.stream_sid,
                 "dtmf": {"duration": "0", "digit": digit},
             }
         )
 
     def mark_played(self, name: str) -> str:
-        return _dumps(
+        return dumps(
             {
                 "event": "mark",
-                "sequence_number": self._next(),
+                "sequence_number": self.next_number(),
                 "stream_sid": self.stream_sid,
                 "mark": {"name": name},
             }
         )
 
     def stop(self) -> str:
-        return _dumps(
+        return dumps(
             {
                 "event": "stop",
-                "sequence_number": self._next(),
+                "sequence_number": self.next_number(),
                 "stream_sid": self.stream_sid,
                 "stop": {
                     "call_sid": self.call.context_id,

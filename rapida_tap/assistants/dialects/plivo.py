@@ -14,10 +14,9 @@ by ``start.streamId`` and ``start.callId``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from rapida_tap.assistants.dialects.base import L16, MULAW, AudioFormat, Dialect, b64
+from rapida_tap.assistants.dialects.base import L16, MULAW, AudioFormat, Dialect, b64, dumps
 from rapida_tap.assistants.mediastreams import (
     BotClear,
     BotMark,
@@ -29,7 +28,6 @@ from rapida_tap.assistants.mediastreams import (
     media_payload,
 )
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
 CONTENT_TYPES = {MULAW: "audio/x-mulaw", L16: "audio/x-l16"}
 
 
@@ -51,14 +49,10 @@ class Plivo(Dialect):
         """The call's parameters as Plivo's ``extraHeaders`` string (``k=v;k=v``)."""
         return ";".join(f"{k}={v}" for k, v in self.call.parameters.items())
 
-    def _next(self) -> int:
-        self.sequence += 1
-        return self.sequence
-
     def opening(self) -> list[str]:
         start = {
             "event": "start",
-            "sequenceNumber": self._next(),
+            "sequenceNumber": self.next_number(),
             "start": {
                 "callId": self.call.context_id,
                 "streamId": self.stream_id,
@@ -71,15 +65,15 @@ class Plivo(Dialect):
             },
             "extra_headers": self.extra_headers,
         }
-        return [_dumps(start)]
+        return [dumps(start)]
 
     def media(self, pcm: bytes) -> str:
         self.chunk += 1
         self.audio_ms(pcm)
-        return _dumps(
+        return dumps(
             {
                 "event": "media",
-                "sequenceNumber": self._next(),
+                "sequenceNumber": self.next_number(),
                 "streamId": self.stream_id,
                 "media": {
                     "track": "inbound",
@@ -92,10 +86,10 @@ class Plivo(Dialect):
         )
 
     def dtmf(self, digit: str) -> str:
-        return _dumps(
+        return dumps(
             {
                 "event": "dtmf",
-                "sequenceNumber": self._next(),
+                "sequenceNumber": self.next_number(),
                 "streamId": self.stream_id,
                 "dtmf": {
                     "track": "inbound",
@@ -107,18 +101,22 @@ class Plivo(Dialect):
         )
 
     def mark_played(self, name: str) -> str:
-        return _dumps(
+        return dumps(
             {
                 "event": "playedStream",
-                "sequenceNumber": self._next(),
+                "sequenceNumber": self.next_number(),
                 "streamId": self.stream_id,
                 "name": name,
             }
         )
 
     def cleared(self) -> str:
-        return _dumps(
-            {"event": "clearedAudio", "sequenceNumber": self._next(), "streamId": self.stream_id}
+        return dumps(
+            {
+                "event": "clearedAudio",
+                "sequenceNumber": self.next_number(),
+                "streamId": self.stream_id,
+            }
         )
 
     def stop(self) -> None:

@@ -13,18 +13,10 @@ payloads, so L16 is big-endian.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
-from rapida_tap.assistants.dialects.base import (
-    ALAW,
-    L16,
-    MULAW,
-    AudioFormat,
-    Dialect,
-    b64,
-)
+from rapida_tap.assistants.dialects.base import ALAW, L16, MULAW, AudioFormat, Dialect, b64, dumps
 from rapida_tap.assistants.mediastreams import (
     BotClear,
     BotMark,
@@ -35,7 +27,6 @@ from rapida_tap.assistants.mediastreams import (
     media_payload,
 )
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
 ENCODING_NAMES = {MULAW: "PCMU", ALAW: "PCMA", L16: "L16"}
 
 
@@ -52,15 +43,11 @@ class Telnyx(Dialect):
     def stream_id(self) -> str:
         return self.call.context_id
 
-    def _next(self) -> str:
-        self.sequence += 1
-        return str(self.sequence)
-
     def opening(self) -> list[str]:
         call = self.call
         start = {
             "event": "start",
-            "sequence_number": self._next(),
+            "sequence_number": str(self.next_number()),
             "start": {
                 "user_id": call.account,
                 "call_control_id": call.context_id,
@@ -76,14 +63,14 @@ class Telnyx(Dialect):
             },
             "stream_id": self.stream_id,
         }
-        return [_dumps({"event": "connected", "version": "1.0.0"}), _dumps(start)]
+        return [dumps({"event": "connected", "version": "1.0.0"}), dumps(start)]
 
     def media(self, pcm: bytes) -> str:
         self.chunk += 1
-        return _dumps(
+        return dumps(
             {
                 "event": "media",
-                "sequence_number": self._next(),
+                "sequence_number": str(self.next_number()),
                 "media": {
                     "track": "inbound",
                     "chunk": str(self.chunk),
@@ -96,31 +83,31 @@ class Telnyx(Dialect):
 
     def dtmf(self, digit: str) -> str:
         occurred = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.now()))
-        return _dumps(
+        return dumps(
             {
                 "event": "dtmf",
                 "stream_id": self.stream_id,
                 "occurred_at": f"{occurred}Z",
-                "sequence_number": self._next(),
+                "sequence_number": str(self.next_number()),
                 "dtmf": {"digit": digit},
             }
         )
 
     def mark_played(self, name: str) -> str:
-        return _dumps(
+        return dumps(
             {
                 "event": "mark",
-                "sequence_number": self._next(),
+                "sequence_number": str(self.next_number()),
                 "stream_id": self.stream_id,
                 "mark": {"name": name},
             }
         )
 
     def stop(self) -> str:
-        return _dumps(
+        return dumps(
             {
                 "event": "stop",
-                "sequence_number": self._next(),
+                "sequence_number": str(self.next_number()),
                 "stop": {"user_id": self.call.account, "call_control_id": self.call.context_id},
                 "stream_id": self.stream_id,
             }
