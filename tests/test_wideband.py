@@ -231,3 +231,26 @@ class LegConversionTests(TestCase):
         self.assertEqual({len(m) % 160 for m in client.audio()}, {0})
         heard = ulaw_to_pcm(b"".join(client.audio()))
         self.assertGreater(share_at(heard[640:], 8000, 1000), 0.9)
+
+
+class GreetingFirstTests(TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_the_callers_rate_is_known_even_when_the_assistant_spoke_first(self) -> Any:
+        daemon = start_daemon(self)
+        recorder = RecordingAssistant(sample_rate=8000)
+        daemon.bridge.assistants = AssistantRegistry(default=recorder)
+        ctx = yield register(daemon.http_port)
+        client = FakeAsterisk(ctx)
+        yield connect_audiosocket(daemon.as_port, client)
+        self.addCleanup(lambda: client.closed)
+        self.addCleanup(client.transport.loseConnection)
+        yield wait_until(lambda: recorder.sessions)
+        call = recorder.sessions[0].call
+        call.play(b"".join(tone(3)))
+        yield wait_until(lambda: sum(any(r.payload) for r in client.audio()) >= 3)
+        self.assertIsNone(call.caller_rate)
+        client.send(encode_frame(Kind.SLIN_8K, tone(1)[0]))
+        yield wait_until(lambda: recorder.sessions[0].audio)
+        self.assertEqual((call.caller_rate, call.rate), (8000, 8000))

@@ -140,6 +140,7 @@ class AudioSocketProtocol(Protocol):
             self.sample_rate = rate
             self._wire(kind, call.caller_rate_is(rate))
             self._in_kind = kind
+            self._direct_kind = kind if self._to_call is None else -1
         if self._to_call is not None:
             payload = self._to_call(payload)
         call.audio_received(payload)
@@ -151,7 +152,7 @@ class AudioSocketProtocol(Protocol):
         match = RateMatch(rate, call_rate)
         self._to_call, self._to_wire = match.to_call, match.to_wire
         self._out_kind = kind
-        self._direct_kind = kind if match.to_call is None else -1
+        self._direct_kind = -1  # until Asterisk's audio shows this kind (see ``_audio``)
         self._header = encode_frame(kind, bytes(frame_bytes(rate)))[:3]
         self._silence = encode_frame(kind, bytes(frame_bytes(rate)))
         self._wired = True
