@@ -58,7 +58,6 @@ class ICallLeg(Interface):
         "Optional (default 0): frames to send ahead when audio starts, for peers that buffer."
     )
 
-
     def send_audio(frame: bytes) -> bool:
         """Write one 20 ms frame at the call's rate; called by the pacer, at most once per tick.
 
@@ -91,7 +90,6 @@ class IAssistant(Interface):
     """
 
     name = Attribute("For logs: 'echo', the bot URL without credentials.")
-
 
     def connect(call: Call) -> Deferred[IAssistantSession]:
         """Start a session for ``call``; fail if the assistant cannot be reached."""
