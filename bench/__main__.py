@@ -1,7 +1,8 @@
 """``python -m bench MODE ...``: measure the daemon (see bench/README.md).
 
 Modes: ``run`` (one load), ``max`` (largest N meeting the quality bar), ``reg`` (registrations/s
-at saturation), ``compare`` (the same load against rapida-asterisk and a peer echo server).
+at saturation), ``compare`` (the same load against rapida-asterisk and a peer echo server),
+``soak`` (rounds of calls against one daemon for a long time, watching its RSS and fds).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from bench import server as servers
 from bench.client import AUDIOSOCKET, PATTERNS, TRANSPORTS, WSS
 from bench.load import LoadConfig, py_spy, run_load, run_registrations_load
+from bench.soak import soak as run_soak
 from bench.stats import BAR_INTERVAL_P99_MS, format_table
 
 
@@ -66,6 +68,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     reg.add_argument("--workers", type=int, default=2, help="client processes [2]")
     reg.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
     reg.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    soak = modes.add_parser("soak", help="calls for a long time: the daemon's RSS and fds")
+    soak.add_argument("-n", "--calls", type=int, default=200, help="concurrent calls [200]")
+    soak.add_argument("--minutes", type=float, default=60.0, help="length of the load [60]")
+    soak.add_argument("--round", type=float, default=60.0, help="seconds each call lasts [60]")
+    soak.add_argument("--every", type=float, default=30.0, help="seconds between samples [30]")
+    soak.add_argument("--idle", type=float, default=30.0, help="idle watch at the end, s [30]")
+    soak.add_argument("--transport", choices=TRANSPORTS, default=AUDIOSOCKET)
+    soak.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
+    soak.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
     args = parser.parse_args(argv)
     if args.mode == "compare" and not args.peer:
         parser.error("compare needs --peer 'COMMAND {port}'")
@@ -184,6 +195,23 @@ def main(argv: list[str] | None = None) -> int:
         fit = [r for r in rows if r["registration_latency_ms"]["p99"] <= 5.0]
         best = max(fit or rows, key=lambda r: r["registrations_per_second"])
         result = {"rows": rows, "best_within_p99_5ms": best if fit else None}
+        _emit(result, args.json)
+        return 0
+    if args.mode == "soak":
+        server = servers.start_daemon(args.core, tls=args.transport == WSS)
+        try:
+            result = run_soak(
+                server,
+                calls=args.calls,
+                minutes=args.minutes,
+                round_seconds=args.round,
+                every=args.every,
+                idle=args.idle,
+                transport=args.transport,
+                out=sys.stdout,
+            )
+        finally:
+            server.stop()
         _emit(result, args.json)
         return 0
     if args.mode == "max":
