@@ -20,7 +20,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     settings = Settings()
-    assert (settings.drain_timeout, settings.metrics, settings.api_keys_file) == (30.0, "", "")
+    assert (settings.drain_timeout, settings.metrics, settings.api_keys_file) == (0.0, "", "")
 
 
 def test_api_keys_file_one_a_line_with_comments(tmp_path: Path) -> None:

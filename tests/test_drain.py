@@ -102,14 +102,53 @@ class DrainClockTests(SynchronousTestCase):
         self.assertIn("drain timeout (30 s): ending 1 call(s)", logs.text())
         self.assertIn("draining (test): 1 live call(s), up to 30 s", logs.text())
 
-    def test_zero_timeout_ends_calls_on_the_next_turn(self) -> None:
+    def test_no_timeout_waits_for_every_call_however_long(self) -> None:
+        logs = capture_logs(self)
         drain = Drain(self.bridge, self.clock, timeout=0)
-        call, _ = self.open_call()
+        calls = [self.open_call()[0] for _ in range(3)]
         done = drain.start("test")
+        self.assertNotIn(drain._timed_out, [c.func for c in self.clock.getDelayedCalls()])
+        self.assertIsNone(drain.remaining)
+        for call in calls[:2]:
+            self.clock.advance(4 * 3600)  # hours: nothing ends a call but its own end
+            self.assertNoResult(done)
+            self.assertNoResult(calls[2].ended)
+            call.end(reasons.CALLER_HANGUP)
         self.assertNoResult(done)
-        self.clock.advance(0)
+        calls[2].end(reasons.CALLER_HANGUP)
         self.successResultOf(done)
-        self.assertEqual(self.successResultOf(call.ended), DRAIN_TIMEOUT)
+        self.assertEqual(self.bridge.ended_by_reason, {reasons.CALLER_HANGUP: 3})
+        self.assertIn("draining (test): 3 live call(s), waiting for every call", logs.text())
+
+    def test_force_ends_the_rest_with_their_hangup(self) -> None:
+        drain = Drain(self.bridge, self.clock, timeout=0)
+        (first, first_leg), (second, second_leg) = self.open_call(), self.open_call()
+        done = drain.start("SIGTERM")
+        first.end(reasons.CALLER_HANGUP)
+        drain.force("second SIGTERM")
+        self.successResultOf(done)
+        self.assertIs(drain.state, DrainState.DRAINED)
+        self.assertEqual(self.successResultOf(second.ended), reasons.SHUTDOWN)
+        self.assertIn(("hangup", reasons.SHUTDOWN), second_leg.events)
+        self.assertNotIn(("hangup", reasons.SHUTDOWN), first_leg.events)
+        drain.force("third SIGTERM")  # nothing left: no error
+        self.assertEqual(self.bridge.ended_by_reason.get(reasons.SHUTDOWN), 1)
+
+    def test_force_cancels_a_configured_deadline(self) -> None:
+        call, _ = self.open_call()
+        done = self.drain.start("SIGTERM")
+        self.clock.advance(5)
+        self.drain.force("second SIGTERM")
+        self.successResultOf(done)
+        self.assertEqual(self.successResultOf(call.ended), reasons.SHUTDOWN)
+        self.assertNotIn(self.drain._timed_out, [c.func for c in self.clock.getDelayedCalls()])
+
+    def test_force_before_any_drain_starts_one_and_ends_the_calls(self) -> None:
+        call, _ = self.open_call()
+        self.drain.force("SIGTERM twice at once")
+        self.assertIs(self.drain.state, DrainState.DRAINED)
+        self.assertFalse(self.bridge.accepting)
+        self.assertEqual(self.successResultOf(call.ended), reasons.SHUTDOWN)
 
 
 # --- real connections ---------------------------------------------------------------------------
@@ -247,7 +286,7 @@ class NodeServiceStopTests(TestCase):
                     ports[kind] = port.getHost().port
                     return port  # the service stops it later
 
-                child._waitingForPort.addCallback(found, type(child.factory))
+                child._waitingForPort.addCallback(found, type(child.factory.wrapped))
         as_port = ports.pop(AudioSocketFactory)
         (http_port,) = ports.values()
 
