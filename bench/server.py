@@ -209,6 +209,8 @@ def start_daemon(
     env.setdefault("RAPIDA_RATE_LIMIT", "1000000000")
     env.setdefault("RAPIDA_RATE_BURST", "1000000000")
     env.setdefault("RAPIDA_MAX_CONNECTIONS", "100000")
+    env.setdefault("RAPIDA_ACCEPT_RATE", "1000000000")
+    env.setdefault("RAPIDA_ACCEPT_BURST", "1000000000")
     env.update(extra_env or {})
     server = _spawn("rapida-asterisk", command, env, as_port, http_port, core)
     server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir

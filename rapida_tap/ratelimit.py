@@ -42,3 +42,25 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class LogThrottle:
+    """At most one log line per cause every ``interval`` seconds (sans-IO: pass the time).
+
+    ``allow(cause, now)`` says whether to log now and returns how many lines of that cause
+    were held back since the last one (so the line can say "and N more"); ``None`` means
+    stay quiet.  Causes are few and fixed (reasons, not peers), so memory is bounded by them.
+    """
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, cause: str, now: float) -> int | None:
+        last = self._last.get(cause)
+        if last is not None and 0.0 <= now - last < self.interval:
+            self._held[cause] = self._held.get(cause, 0) + 1
+            return None
+        self._last[cause] = now
+        return self._held.pop(cause, 0)

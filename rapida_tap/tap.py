@@ -19,13 +19,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from rapida_tap import __version__, tls
+from rapida_tap.admission import AUDIOSOCKET_ID_BYTES, AdmissionFactory, DescriptorBudget
 from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import ConfigError, Settings, build_settings, load_toml
 from rapida_tap.contexts import MemoryContextStore
 from rapida_tap.dialplan import audiosocket_dialplan
-from rapida_tap.drain import Drain, DrainState
+from rapida_tap.drain import Drain, DrainState, install_force_signal
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import SHUTDOWN
@@ -85,7 +86,8 @@ class Options(usage.Options):
             "drain-timeout",
             None,
             None,
-            "Seconds live calls may go on after SIGTERM or POST /admin/drain [default: 30].",
+            "Seconds live calls may go on after SIGTERM or POST /admin/drain; 0 waits for"
+            " every call [default: 0]. A second SIGTERM ends them at once.",
         ],
         [
             "metrics",
@@ -238,6 +240,8 @@ class NodeService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain.start("stopping")
+        if self.reactor is not None and self.drain.state is DrainState.DRAINING:
+            d.addBoth(_passing(install_force_signal(self.drain, self.reactor)))
         d.addCallback(self._drained)
         d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(self._close_store)
@@ -256,6 +260,14 @@ class NodeService(service.MultiService):
         """
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
+
+
+def _passing(undo: Callable[[], None]) -> Callable[[Any], Any]:
+    def run(result: Any) -> Any:
+        undo()
+        return result
+
+    return run
 
 
 class OutboundService(service.Service):
@@ -356,31 +368,61 @@ class Daemon:
             self.tls_spec = tls.parse_tls_endpoint(settings.https)
             self.tls = tls.TlsServerContext(self.tls_spec)
         self.site = make_site(self.root)
+        self.descriptors = DescriptorBudget()
+        self.listeners: dict[str, AdmissionFactory] = {}
 
     def _drain_check(self) -> tuple[bool, str]:
         if self.drain.state is DrainState.SERVING:
             return True, ""
         if self.drain.state is DrainState.DRAINED:
             return False, "drained"
-        return False, (
-            f"draining: {len(self.bridge.calls)} call(s) left, "
-            f"{self.drain.remaining:.0f} s until they are ended"
+        left = self.drain.remaining
+        return False, f"draining: {len(self.bridge.calls)} call(s) left, " + (
+            "waiting for every call" if left is None else f"{left:.0f} s until they are ended"
         )
+
+    def admitted(
+        self, name: str, factory: Any, max_connections: int, pending_bytes: int = 0
+    ) -> Any:
+        """``factory`` behind this node's connection caps and accept rate (rapida_tap.admission)."""
+        s = self.settings
+        admission = AdmissionFactory(
+            factory,
+            name=name,
+            clock=self.reactor,
+            budget=self.descriptors,
+            max_connections=max_connections,
+            max_pending_per_address=s.max_pending_per_address,
+            accept_rate=s.accept_rate,
+            accept_burst=s.accept_burst,
+            pending_bytes=pending_bytes,
+        )
+        self.listeners[name] = admission
+        return admission
 
     def service(self) -> NodeService:
         top = NodeService(self.drain, ContextStoreService(self.contexts), self.reactor)
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)
         if self.settings.audiosocket:
-            strports.service(
-                self.settings.audiosocket, self.audiosocket, reactor=self.reactor
-            ).setServiceParent(top)
-        if self.settings.http:
-            strports.service(self.settings.http, self.site, reactor=self.reactor).setServiceParent(
-                top
+            audiosocket = self.admitted(
+                "audiosocket", self.audiosocket, self.settings.max_connections, AUDIOSOCKET_ID_BYTES
             )
+            strports.service(
+                self.settings.audiosocket, audiosocket, reactor=self.reactor
+            ).setServiceParent(top)
+        limit = self.settings.http_max_connections
+        if self.settings.http:
+            http = self.admitted("http", self.site, limit)
+            strports.service(self.settings.http, http, reactor=self.reactor).setServiceParent(top)
         if self.tls is not None:
-            tls.TlsListener(self.reactor, self.tls_spec, self.tls, self.site).setServiceParent(top)
+            tls.TlsListener(
+                self.reactor,
+                self.tls_spec,
+                self.tls,
+                self.site,
+                admission=lambda factory: self.admitted("https", factory, limit),
+            ).setServiceParent(top)
         if self.metrics_site is not None:
             strports.service(
                 self.settings.metrics, self.metrics_site, reactor=self.reactor
@@ -424,7 +466,7 @@ def log_start(settings: Settings) -> None:
     log.info(
         "rapida-asterisk {version}: audiosocket={audiosocket} http={http} https={https} "
         "assistant={assistant} contexts={contexts} metrics={metrics} "
-        "drain_timeout={drain_timeout:g}s",
+        "drain_timeout={drain_timeout}",
         version=__version__,
         audiosocket=settings.audiosocket or "off",
         http=settings.http or "off",
@@ -432,7 +474,7 @@ def log_start(settings: Settings) -> None:
         assistant=parse_assistants(settings.assistants, settings.assistant, os.environ).describe(),
         contexts=settings.contexts.split("@")[-1],
         metrics=settings.metrics or "/metrics on http",
-        drain_timeout=settings.drain_timeout,
+        drain_timeout=f"{settings.drain_timeout:g}s" if settings.drain_timeout else "none",
     )
     if not settings.api_key_generated:
         return
