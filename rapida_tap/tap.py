@@ -38,6 +38,7 @@ from rapida_tap.redis_store import RedisContextStore, RedisURLError
 from rapida_tap.web.admin import DrainResource
 from rapida_tap.web.auth import ApiKeys, generate_api_key
 from rapida_tap.web.calls import CallsResource
+from rapida_tap.web.guard import BodyLimits
 from rapida_tap.web.health import HealthResource
 from rapida_tap.web.registration import RegistrationResource
 from rapida_tap.web.site import PathTree, make_site, mount
@@ -360,14 +361,21 @@ class Daemon:
         if settings.metrics:
             metrics_root = PathTree()
             mount(metrics_root, "metrics", self.metrics.resource())
-            self.metrics_site = make_site(metrics_root)
+            self.metrics_site = make_site(metrics_root, head_timeout=settings.http_head_timeout)
         else:
             mount(self.root, "metrics", self.metrics.resource())
         self.tls: tls.TlsServerContext | None = None
         if settings.https:
             self.tls_spec = tls.parse_tls_endpoint(settings.https)
             self.tls = tls.TlsServerContext(self.tls_spec)
-        self.site = make_site(self.root)
+        json_body = settings.http_max_body  # the JSON APIs; every other path takes no body
+        self.site = make_site(
+            self.root,
+            head_timeout=settings.http_head_timeout,
+            body_limits=BodyLimits(
+                {"/v1/talk/asterisk/calls": json_body, "/admin/drain": json_body}
+            ),
+        )
         self.descriptors = DescriptorBudget()
         self.listeners: dict[str, AdmissionFactory] = {}
 
@@ -424,9 +432,10 @@ class Daemon:
                 admission=lambda factory: self.admitted("https", factory, limit),
             ).setServiceParent(top)
         if self.metrics_site is not None:
-            strports.service(
-                self.settings.metrics, self.metrics_site, reactor=self.reactor
-            ).setServiceParent(top)
+            metrics = self.admitted("metrics", self.metrics_site, limit)
+            strports.service(self.settings.metrics, metrics, reactor=self.reactor).setServiceParent(
+                top
+            )
         return top
 
 

@@ -19,6 +19,7 @@ from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
 from rapida_tap.admission import AdmissionFactory
 from rapida_tap.tls import TlsListener
+from rapida_tap.web.guard import GuardedSite
 from tests.certs import make_cert
 from tests.support import API_KEY, capture_logs, curl_get, raw_http, register
 
@@ -262,7 +263,7 @@ class MakeServiceTests(unittest.TestCase):
         # Each listener's factory sits behind the node's connection caps (rapida_tap.admission).
         self.assertIsInstance(listeners[0].factory, AdmissionFactory)
         self.assertIsInstance(listeners[0].factory.wrapped, AudioSocketFactory)
-        self.assertEqual(type(listeners[1].factory.wrapped).__name__, "Site")
+        self.assertIsInstance(listeners[1].factory.wrapped, GuardedSite)
         self.assertFalse(top.running)
 
     def test_https_adds_a_listener_and_off_removes_one(self) -> None:
