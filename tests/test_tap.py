@@ -15,9 +15,9 @@ from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from rapida_tap import tap
+from rapida_tap.admission import AdmissionFactory
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
-from rapida_tap.admission import AdmissionFactory
 from rapida_tap.tls import TlsListener
 from rapida_tap.web.guard import GuardedSite
 from tests.certs import make_cert
