@@ -185,16 +185,23 @@ class WssTest(unittest.TestCase):
         self.key, self.cert = make_cert(self.dir)
         self.daemon = start_daemon(self)
         self.context = tls.TlsServerContext(spec(self.key, self.cert))
-        d = tls.tls_server_endpoint(reactor, spec(self.key, self.cert), self.context).listen(
-            self.daemon.site
+        # As the daemon listens: admission caps outside TLS, the site inside.
+        listener = tls.TlsListener(
+            reactor,
+            spec(self.key, self.cert),
+            self.context,
+            self.daemon.site,
+            admission=lambda factory: self.daemon.admitted("https", factory, 100),
         )
-        d.addCallback(self._listening)
+        listener.startService()
+        self.addCleanup(listener.stopService)
         self.clients: list[fc.FakeChanWebSocket] = []
-        return d
+        return wait_until(lambda: listener.port is not None).addCallback(
+            lambda _: self._listening(listener.port)
+        )
 
     def _listening(self, port: Any) -> None:
         self.port = port.getHost().port
-        self.addCleanup(port.stopListening)
 
     def tearDown(self) -> defer.Deferred[Any]:
         waits = []
