@@ -59,7 +59,9 @@ class LogThrottle:
 
     def allow(self, cause: str, now: float) -> int | None:
         last = self._last.get(cause)
-        if last is not None and 0.0 <= now - last < self.interval:
+        if last is not None and now - last < self.interval:
+            if now < last:  # the wall clock stepped back: quiet for one interval from now
+                self._last[cause] = now
             self._held[cause] = self._held.get(cause, 0) + 1
             return None
         self._last[cause] = now

@@ -16,7 +16,6 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from rapida_tap import __version__, tls
 from rapida_tap.admission import AUDIOSOCKET_ID_BYTES, AdmissionFactory, DescriptorBudget
@@ -30,7 +29,7 @@ from rapida_tap.drain import Drain, DrainState, install_force_signal
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import SHUTDOWN
-from rapida_tap.metrics import NodeCollector, NodeMetrics
+from rapida_tap.metrics import ListenerCollector, NodeCollector, NodeMetrics
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
@@ -38,7 +37,7 @@ from rapida_tap.redis_store import RedisContextStore, RedisURLError
 from rapida_tap.web.admin import DrainResource
 from rapida_tap.web.auth import ApiKeys, generate_api_key
 from rapida_tap.web.calls import CallsResource
-from rapida_tap.web.guard import BodyLimits
+from rapida_tap.web.guard import BodyLimits, GuardedSite
 from rapida_tap.web.health import HealthResource
 from rapida_tap.web.registration import RegistrationResource
 from rapida_tap.web.site import PathTree, make_site, mount
@@ -357,7 +356,7 @@ class Daemon:
                 store_healthy=store_healthy,
             )
         )
-        self.metrics_site: Site | None = None
+        self.metrics_site: GuardedSite | None = None
         if settings.metrics:
             metrics_root = PathTree()
             mount(metrics_root, "metrics", self.metrics.resource())
@@ -378,6 +377,10 @@ class Daemon:
         )
         self.descriptors = DescriptorBudget()
         self.listeners: dict[str, AdmissionFactory] = {}
+        sites = {"main": self.site}
+        if self.metrics_site is not None:
+            sites["metrics"] = self.metrics_site
+        self.metrics.add(ListenerCollector(self.listeners, sites))
 
     def _drain_check(self) -> tuple[bool, str]:
         if self.drain.state is DrainState.SERVING:
