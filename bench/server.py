@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -169,7 +170,10 @@ def lab_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 def start_daemon(
-    core: int | None = None, extra_env: dict[str, str] | None = None, tls: bool = False
+    core: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    tls: bool = False,
+    nofile: int | None = None,
 ) -> Server:
     """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given.
 
@@ -212,7 +216,7 @@ def start_daemon(
     env.setdefault("RAPIDA_ACCEPT_RATE", "1000000000")
     env.setdefault("RAPIDA_ACCEPT_BURST", "1000000000")
     env.update(extra_env or {})
-    server = _spawn("rapida-asterisk", command, env, as_port, http_port, core)
+    server = _spawn("rapida-asterisk", command, env, as_port, http_port, core, nofile)
     server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir
     _wait(server, lambda: _healthy(http_port) and _listening(ws_port))
     return server
@@ -236,11 +240,24 @@ def _spawn(
     as_port: int,
     http_port: int | None,
     core: int | None,
+    nofile: int | None = None,
 ) -> Server:
+    """Start ``argv``; ``nofile``: its file descriptor limit (``ulimit -n``)."""
     fd, path = tempfile.mkstemp(prefix="bench-server-", suffix=".log")
     log = os.fdopen(fd, "wb")
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     process = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+        preexec_fn=limit,
     )
     pinned = f"core {core}" if core is not None else None
     return Server(name, process, as_port, http_port, Path(path), pinned, log)
