@@ -4,7 +4,8 @@ Modes: ``run`` (one load), ``max`` (largest N meeting the quality bar), ``reg`` 
 at saturation), ``compare`` (the same load against rapida-asterisk and a peer echo server),
 ``soak`` (rounds of calls against one daemon for a long time, watching its RSS and fds),
 ``flood`` (clean calls alone and during a burst of bad AudioSocket connections) and
-``slowloris`` (registrations while slow-header connections run under a low ``ulimit -n``).
+``slowloris`` (registrations while slow-header connections run under a low ``ulimit -n``) and
+``drain`` (SIGTERM while calls of different lengths are live: how many were cut).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from bench import edges
 from bench import server as servers
 from bench.client import AUDIOSOCKET, PATTERNS, TRANSPORTS, WSS
+from bench.drain import drain as run_drain
 from bench.load import LoadConfig, py_spy, run_load, run_registrations_load
 from bench.soak import soak as run_soak
 from bench.stats import BAR_INTERVAL_P99_MS, format_table
@@ -94,6 +96,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     sl.add_argument("--seconds", type=float, default=30.0, help="length of the attack [30]")
     sl.add_argument("--period", type=float, default=3.0, help="s between bytes [3]")
     sl.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    dr = modes.add_parser("drain", help="SIGTERM during live calls: how many are cut")
+    dr.add_argument("-n", "--calls", type=int, default=50, help="live calls [50]")
+    dr.add_argument("--shortest", type=float, default=5.0, help="shortest call, s [5]")
+    dr.add_argument("--longest", type=float, default=60.0, help="longest call, s [60]")
+    dr.add_argument("--sigterm-at", type=float, default=2.0, help="SIGTERM after, s [2]")
+    dr.add_argument("--second-sigterm-at", type=float, help="a second SIGTERM after, s")
+    dr.add_argument("--drain-timeout", help="the daemon's drain_timeout [its default]")
+    dr.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
     args = parser.parse_args(argv)
     if args.mode == "compare" and not args.peer:
         parser.error("compare needs --peer 'COMMAND {port}'")
@@ -245,6 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  attack: {result['attack']}")
         for name, count in sorted(result["refused"].items()):
             print(f"  {name} {count:g}")
+        _emit(result, args.json)
+        return 0
+    if args.mode == "drain":
+        env = {"RAPIDA_DRAIN_TIMEOUT": args.drain_timeout} if args.drain_timeout else {}
+        result = run_drain(
+            args.calls, args.shortest, args.longest, args.sigterm_at, args.second_sigterm_at, env
+        )
+        print(
+            f"{result['calls']} calls of {args.shortest:g}-{args.longest:g} s, signals at "
+            f"{result['signals_at']}: {result['cut_by_daemon']} cut by the daemon "
+            f"({result['cut_with_hangup_frame']} with a hangup frame); daemon exited "
+            f"{result['daemon_exit_code']} at {result['daemon_exited_at']} s"
+        )
         _emit(result, args.json)
         return 0
     if args.mode == "soak":
