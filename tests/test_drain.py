@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -263,6 +265,22 @@ class DrainIntegrationTests(TestCase):
         self.assertEqual(stopped, [True])  # once, however many POSTs
 
 
+def listening_ports(top: Any) -> tuple[int, int]:
+    """The AudioSocket and HTTP ports of a started node service."""
+    ports: dict[type, int] = {}
+    for child in top:
+        if isinstance(child, StreamServerEndpointService):
+
+            def found(port: Any, kind: type) -> Any:
+                ports[kind] = port.getHost().port
+                return port  # the service stops it later
+
+            child._waitingForPort.addCallback(found, type(child.factory.wrapped))
+    as_port = ports.pop(AudioSocketFactory)
+    (http_port,) = ports.values()
+    return as_port, http_port
+
+
 class NodeServiceStopTests(TestCase):
     """What twistd does on SIGTERM: ``stopService`` of the node, waited for by the reactor."""
 
@@ -278,17 +296,7 @@ class NodeServiceStopTests(TestCase):
         top = daemon.service()
         top.startService()
         self.addCleanup(lambda: top.stopService() if top.running else None)
-        ports: dict[type, int] = {}
-        for child in top:
-            if isinstance(child, StreamServerEndpointService):
-
-                def found(port: Any, kind: type) -> Any:
-                    ports[kind] = port.getHost().port
-                    return port  # the service stops it later
-
-                child._waitingForPort.addCallback(found, type(child.factory.wrapped))
-        as_port = ports.pop(AudioSocketFactory)
-        (http_port,) = ports.values()
+        as_port, http_port = listening_ports(top)
 
         ctx = yield register(http_port)
         client = FakeAsterisk(ctx)
@@ -308,3 +316,42 @@ class NodeServiceStopTests(TestCase):
         self.assertEqual(daemon.bridge.ended_by_reason, {reasons.CALLER_HANGUP: 1})
         with self.assertRaises(error.ConnectionRefusedError):  # the HTTP listener is closed now
             yield get(http_port, "/healthz", key=None)
+
+    @defer.inlineCallbacks
+    def test_by_default_the_drain_waits_and_a_second_sigterm_ends_calls_with_a_hangup(
+        self,
+    ) -> Any:
+        local = "tcp:0:interface=127.0.0.1"
+        daemon = Daemon(Settings(api_keys=[API_KEY], audiosocket=local, http=local), reactor)
+        self.assertEqual(daemon.drain.timeout, 0)  # the default: no time limit
+        top = daemon.service()
+        top.startService()
+        self.addCleanup(lambda: top.stopService() if top.running else None)
+        as_port, http_port = listening_ports(top)
+        clients = []
+        for _ in range(3):
+            ctx = yield register(http_port)
+            client = FakeAsterisk(ctx)
+            yield connect_audiosocket(as_port, client)
+            clients.append(client)
+        yield wait_until(lambda: len(daemon.bridge.calls) == 3)
+
+        before = signal.getsignal(signal.SIGTERM)
+        stopped = top.stopService()  # what twistd does on the first SIGTERM
+        self.assertIsNot(signal.getsignal(signal.SIGTERM), before)
+        clients[0].transport.loseConnection()  # one caller hangs up by itself
+        yield wait_until(lambda: len(daemon.bridge.calls) == 2)
+        for client in clients[1:]:
+            client.received.clear()
+        yield wait_until(lambda: all(len(c.received) >= 5 for c in clients[1:]))
+        self.assertFalse(stopped.called)  # no deadline: the others go on
+
+        os.kill(os.getpid(), signal.SIGTERM)  # the second SIGTERM
+        yield stopped
+        self.assertEqual(
+            daemon.bridge.ended_by_reason, {reasons.CALLER_HANGUP: 1, reasons.SHUTDOWN: 2}
+        )
+        for client in clients[1:]:
+            yield wait_until(lambda c=client: not c.connected_)
+            self.assertEqual(client.received[-1].kind, Kind.HANGUP)  # Asterisk hangs up cleanly
+        self.assertIs(signal.getsignal(signal.SIGTERM), before)
