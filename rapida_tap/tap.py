@@ -241,7 +241,7 @@ class NodeService(service.MultiService):
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain.start("stopping")
         if self.reactor is not None and self.drain.state is DrainState.DRAINING:
-            d.addBoth(_passing(install_force_signal(self.drain, self.reactor)))
+            d.addBoth(_undo_after(install_force_signal(self.drain, self.reactor)))
         d.addCallback(self._drained)
         d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(self._close_store)
@@ -262,7 +262,7 @@ class NodeService(service.MultiService):
             self.reactor._exitSignal = None
 
 
-def _passing(undo: Callable[[], None]) -> Callable[[Any], Any]:
+def _undo_after(undo: Callable[[], None]) -> Callable[[Any], Any]:
     def run(result: Any) -> Any:
         undo()
         return result

@@ -250,6 +250,28 @@ class WssTest(unittest.TestCase):
         self.assertEqual((yield call.ended), "caller-hangup")
 
     @defer.inlineCallbacks
+    def test_https_refuses_an_oversized_body_and_counts_the_call_as_identified(self) -> Any:
+        """The HTTP limits hold on the TLS listener too, behind its admission caps."""
+        client, call = yield self.start_call(self.trust(self.cert))
+        https = self.daemon.listeners["https"]
+        self.assertEqual((https.connections, https.pending), (1, {}))  # the call, identified
+        upload = fc.FakeChanWebSocket(
+            b"POST /v1/talk/asterisk/calls HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Length: 2000000000\r\n\r\n" + b"x" * 65536
+        )
+        self.clients.append(upload)
+        yield protocol.ClientCreator(reactor, lambda: upload).connectSSL(
+            "127.0.0.1", self.port, self.trust(self.cert)
+        )
+        yield upload.closed
+        self.assertTrue(upload.response_head.startswith(b"HTTP/1.1 413 "), upload.response_head)
+        self.assertEqual(self.daemon.site.refused, {"body-too-large": 1})
+        yield self.echo_once(client)  # the call never noticed
+        client.close_like_asterisk()
+        self.assertEqual((yield call.ended), "caller-hangup")
+        yield wait_until(lambda: https.connections == 0)
+
+    @defer.inlineCallbacks
     def test_tls11_and_plain_clients_are_refused_without_harm(self) -> Any:
         good, call = yield self.start_call(self.trust(self.cert))
         old = fc.FakeChanWebSocket(b"")
