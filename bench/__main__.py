@@ -82,6 +82,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     soak.add_argument("--transport", choices=TRANSPORTS, default=AUDIOSOCKET)
     soak.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
     soak.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    soak.add_argument(
+        "--trace", help="run the daemon with tracemalloc, snapshots in this directory"
+    )
     fl = modes.add_parser("flood", help="clean calls alone and during bad connections")
     fl.add_argument("-n", "--calls", type=int, default=20, help="clean calls [20]")
     fl.add_argument("--bad", type=int, default=10000, help="bad connections [10000]")
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         _emit(result, args.json)
         return 0
     if args.mode == "soak":
-        server = servers.start_daemon(args.core, tls=args.transport == WSS)
+        server = servers.start_daemon(args.core, tls=args.transport == WSS, trace_dir=args.trace)
         try:
             result = run_soak(
                 server,
@@ -282,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 idle=args.idle,
                 transport=args.transport,
                 out=sys.stdout,
+                trace_dir=args.trace,
             )
         finally:
             server.stop()

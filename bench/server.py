@@ -169,11 +169,31 @@ def lab_certificate(directory: Path) -> tuple[Path, Path]:
     return key_path, cert_path
 
 
+#: ``python -c`` code that runs twistd with tracemalloc on; each SIGUSR2 dumps a snapshot and
+#: the live object counts by type to ``<dir>/<n>.snapshot`` and ``<dir>/<n>.types``.
+TRACED_RUN = """
+import collections, gc, json, signal, tracemalloc
+tracemalloc.start(8)
+dumps = [0]
+def dump(signum, frame):
+    gc.collect()
+    n = dumps[0] = dumps[0] + 1
+    tracemalloc.take_snapshot().dump("%(dir)s/%%d.snapshot" %% n)
+    counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    with open("%(dir)s/%%d.types" %% n, "w") as f:
+        json.dump(dict(counts.most_common(200)), f)
+signal.signal(signal.SIGUSR2, dump)
+from twisted.scripts.twistd import run
+run()
+"""
+
+
 def start_daemon(
     core: int | None = None,
     extra_env: dict[str, str] | None = None,
     tls: bool = False,
     nofile: int | None = None,
+    trace_dir: str | None = None,
 ) -> Server:
     """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given.
 
@@ -196,7 +216,9 @@ def start_daemon(
         *_pin(core),
         sys.executable,
         "-c",
-        "from twisted.scripts.twistd import run; run()",
+        (TRACED_RUN % {"dir": trace_dir})
+        if trace_dir
+        else "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
         "rapida-asterisk",
@@ -218,7 +240,9 @@ def start_daemon(
     env.update(extra_env or {})
     server = _spawn("rapida-asterisk", command, env, as_port, http_port, core, nofile)
     server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir
-    _wait(server, lambda: _healthy(http_port) and _listening(ws_port))
+    # tracemalloc makes start-up several times slower
+    up = 120.0 if trace_dir else 15.0
+    _wait(server, lambda: _healthy(http_port) and _listening(ws_port), timeout=up)
     return server
 
 

@@ -18,10 +18,14 @@ What it answers (the summary at the end):
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import threading
 import time
+import tracemalloc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from bench import server as servers
@@ -104,8 +108,13 @@ def soak(
     idle: float,
     transport: str,
     out: TextIO,
+    trace_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run the soak against a started daemon; return the summary (also printed to ``out``)."""
+    """Run the soak against a started daemon; return the summary (also printed to ``out``).
+
+    ``trace_dir``: the daemon runs with tracemalloc (`servers.TRACED_RUN`); a snapshot is taken
+    at warm idle and at the end, and what grew between them is printed.
+    """
     log = SoakLog(out)
     rss_start = idle_rss(log, server.pid, min(idle, 5.0), "idle-start")
     fds_start = log.samples[-1].fds
@@ -143,10 +152,15 @@ def soak(
             if warm_idle is None:
                 time.sleep(2.0)  # the last hang-ups are processed
                 warm_idle = log.take(server.pid, "warm-idle").rss_mb
+                if trace_dir:
+                    _dump(server, trace_dir, 1)
     finally:
         stop.set()
         sampler.join()
     rss_end = idle_rss(log, server.pid, idle, "idle-end")
+    if trace_dir:
+        _dump(server, trace_dir, 2)
+        print(growth_report(trace_dir), file=out, flush=True)
     fds_end = log.samples[-1].fds
     load_points = [(s.at, s.rss_mb) for s in log.samples if s.phase == "load"]
     after_warmup = [p for p in load_points if len(rounds) < 2 or p[0] >= rounds[0]["at"]]
@@ -175,6 +189,40 @@ def soak(
     }
     print(format_summary(summary), file=out, flush=True)
     return summary
+
+
+def _dump(server: servers.Server, trace_dir: str, n: int) -> None:
+    """Ask the traced daemon for snapshot ``n`` and wait until it is written."""
+    os.kill(server.pid, signal.SIGUSR2)
+    path = Path(trace_dir) / f"{n}.types"
+    deadline = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+
+
+def growth_report(trace_dir: str, top: int = 15) -> str:
+    """What grew from snapshot 1 (warm idle) to 2 (idle at the end): lines and object types."""
+    first = tracemalloc.Snapshot.load(f"{trace_dir}/1.snapshot")
+    second = tracemalloc.Snapshot.load(f"{trace_dir}/2.snapshot")
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    stats = second.filter_traces(ignore).compare_to(first.filter_traces(ignore), "lineno")
+    lines = ["tracemalloc, warm idle -> end idle (largest growth first):"]
+    for stat in stats[:top]:
+        frame = stat.traceback[0]
+        lines.append(
+            f"  {stat.size_diff / 1e6:+8.3f} MB {stat.count_diff:+8d} blocks  "
+            f"{frame.filename}:{frame.lineno}"
+        )
+    before = json.loads(Path(f"{trace_dir}/1.types").read_text())
+    after = json.loads(Path(f"{trace_dir}/2.types").read_text())
+    diffs = sorted(
+        ((after.get(k, 0) - before.get(k, 0), k) for k in set(before) | set(after)),
+        reverse=True,
+    )
+    lines.append("gc objects, warm idle -> end idle (most grown types):")
+    lines += [f"  {d:+8d} {k}" for d, k in diffs[:top] if d]
+    return "\n".join(lines)
 
 
 def format_summary(s: dict[str, Any]) -> str:
