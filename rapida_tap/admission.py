@@ -12,7 +12,9 @@ and counted, if
 * its address already holds ``max_pending_per_address`` connections that have not yet said
   who they are (``too-many-pending``): an AudioSocket connection before its UUID frame, an
   HTTP connection before the head of its first request.  Live calls do not count here: one
-  Asterisk carries hundreds of calls from one address, and those are bounded by the total;
+  Asterisk carries hundreds of calls from one address, and those are bounded by the total.
+  The cap is never more than a quarter of the descriptor budget, so one address cannot
+  hold the node's last descriptors however the cap is set;
 * its address opened connections faster than ``accept_rate`` a second, in bursts of up to
   ``accept_burst`` (``accept-rate``), so a flood of new connections from one address costs
   the calls of others one ``accept()`` and one ``close()`` each.
@@ -148,7 +150,7 @@ class AdmissionFactory(Factory):
         self.clock = clock
         self.budget = budget
         self.max_connections = max_connections
-        self.max_pending_per_address = max_pending_per_address
+        self.max_pending_per_address = max(1, min(max_pending_per_address, budget.limit // 4))
         self.accept = RateLimiter(accept_rate, accept_burst)
         self.pending_bytes = pending_bytes
         self.connections = 0

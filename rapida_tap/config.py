@@ -50,7 +50,7 @@ class Settings:
     ring_timeout: float = 120.0
     ring_check_interval: float = 5.0
     # hostile peers (docs/operations.md, "Limits"): counts, seconds, bytes, per second
-    max_pending_per_address: int = 64  # connections not yet identified, per client address
+    max_pending_per_address: int = 256  # connections not yet identified, per client address
     accept_rate: float = 200.0  # new connections a second per client address, per listener...
     accept_burst: int = 400  # ...in bursts of up to this many
     http_max_connections: int = 10000  # per HTTP/HTTPS listener (ws:// calls included)

@@ -238,3 +238,21 @@ def test_log_throttle_counts_what_it_held_back() -> None:
     assert throttle.allow("a", 104.0) is None  # the clock stepped back: quiet from then on
     assert throttle.allow("a", 108.0) is None
     assert throttle.allow("a", 109.0) == 2
+
+
+def test_the_pending_cap_is_at_most_a_quarter_of_the_descriptor_budget() -> None:
+    def admission(cap: int, nofile: int) -> AdmissionFactory:
+        return AdmissionFactory(
+            GreeterFactory(),
+            name="t",
+            clock=Clock(),
+            budget=DescriptorBudget(limit=nofile),
+            max_connections=10,
+            max_pending_per_address=cap,
+            accept_rate=1.0,
+            accept_burst=1,
+        )
+
+    assert admission(256, 65536).max_pending_per_address == 256
+    assert admission(256, 256).max_pending_per_address == 48  # ulimit -n 256: budget 192
+    assert admission(256, 65).max_pending_per_address == 1

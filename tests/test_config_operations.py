@@ -82,7 +82,7 @@ def test_bad_values(values: dict[str, object], message: str) -> None:
 def test_limits_defaults_and_environment() -> None:
     settings = build_settings({}, {}, {}, [])
     assert (settings.max_pending_per_address, settings.accept_rate, settings.accept_burst) == (
-        64,
+        256,
         200.0,
         400,
     )
