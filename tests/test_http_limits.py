@@ -163,17 +163,31 @@ class HttpLimitsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_the_deadline_restarts_for_each_request_on_a_kept_alive_connection(self) -> Any:
-        peer = Peer(b"GET /v1/talk/asterisk/call/echo HTTP/1.1\r\nHost: a\r\n\r\n")
+        request = b"GET /v1/talk/asterisk/call/echo HTTP/1.1\r\nHost: a\r\n\r\n"
+        peer = Peer(request)
         yield protocol.ClientCreator(reactor, lambda: peer).connectTCP("127.0.0.1", self.port)
         yield wait_until(lambda: b"\r\n\r\n0" in peer.data)
         self.clock.advance(9.0)
-        peer.transport.write(b"GET /v1/talk/asterisk/call/echo HTTP/1.1\r\nHost: a\r\n\r\n")
+        peer.transport.write(request)
         yield wait_until(lambda: len(self.registration.bodies) == 2)
         self.clock.advance(9.9)
         self.assertFalse(peer.lost.called)
-        self.clock.advance(0.1)  # 10 s after the second response, with no request begun
+        peer.transport.write(b"G")  # a third request begins, and stalls
+        yield wait_until(lambda: CountingChannel.received == 2 * len(request) + 1)
+        self.clock.advance(0.1)  # 10 s after the second response
         yield peer.lost
         self.assertEqual(self.site.refused, {REQUEST_TIMEOUT: 1})
+
+    @defer.inlineCallbacks
+    def test_an_idle_kept_alive_connection_is_closed_quietly(self) -> Any:
+        logs = capture_logs(self)
+        peer = Peer(b"GET /v1/talk/asterisk/call/echo HTTP/1.1\r\nHost: a\r\n\r\n")
+        yield protocol.ClientCreator(reactor, lambda: peer).connectTCP("127.0.0.1", self.port)
+        yield wait_until(lambda: b"\r\n\r\n0" in peer.data)
+        self.clock.advance(10.0)
+        yield peer.lost
+        self.assertEqual(self.site.refused, {})
+        self.assertNotIn("refused", logs.text())
 
     # -- bodies -----------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ resets.  So the limits live in the channel and the request, not in resources:
 
 * a **deadline for each request**: head and body must be in within ``head_timeout`` seconds
   of the connection (or of the previous response on a keep-alive connection), or the
-  connection is aborted (``request-timeout``);
+  connection is aborted (``request-timeout``).  A kept-alive connection on which nothing of a
+  next request arrived in that time is just idle: it is closed without counting or logging;
 * a **body limit per path** (`BodyLimits`): a declared ``Content-Length`` over it is refused
   with 413 and the connection closed before one body byte is read; a chunked body is counted
   as it arrives and cut the same way at the limit (``body-too-large``).  Paths not listed
@@ -100,10 +101,16 @@ class GuardedHTTPChannel(http.HTTPChannel):
     _body_limit = 0
     _body_seen = 0
     _refused = False
+    _served = False  # a response went out on this connection
+    _begun = False  # bytes of the current request (or of the first) arrived
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._start_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._begun = True
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_deadline()
@@ -122,6 +129,9 @@ class GuardedHTTPChannel(http.HTTPChannel):
 
     def _timed_out(self) -> None:
         self._deadline = None
+        if self._served and not self._begun:  # an idle kept-alive connection
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
         self.site.refuse(
             REQUEST_TIMEOUT,
             self.transport,
@@ -133,6 +143,7 @@ class GuardedHTTPChannel(http.HTTPChannel):
     def requestDone(self, request: Request) -> None:
         super().requestDone(request)
         if self.persistent and self.transport is not None and not self._refused:
+            self._served, self._begun = True, False
             self._start_deadline()  # the next request on this connection
 
     # -- the body -------------------------------------------------------------------------
