@@ -180,6 +180,7 @@ def dump(signum, frame):
     n = dumps[0] = dumps[0] + 1
     tracemalloc.take_snapshot().dump("%(dir)s/%%d.snapshot" %% n)
     counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    counts["(traced bytes)"], counts["(traced peak bytes)"] = tracemalloc.get_traced_memory()
     with open("%(dir)s/%%d.types" %% n, "w") as f:
         json.dump(dict(counts.most_common(200)), f)
 signal.signal(signal.SIGUSR2, dump)

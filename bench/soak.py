@@ -216,6 +216,13 @@ def growth_report(trace_dir: str, top: int = 15) -> str:
         )
     before = json.loads(Path(f"{trace_dir}/1.types").read_text())
     after = json.loads(Path(f"{trace_dir}/2.types").read_text())
+    heap = [before.pop("(traced bytes)") / 1e6, after.pop("(traced bytes)") / 1e6]
+    peak = after.pop("(traced peak bytes)") / 1e6
+    before.pop("(traced peak bytes)")
+    lines.append(
+        f"Python heap (tracemalloc): warm idle {heap[0]:.2f} MB, end idle {heap[1]:.2f} MB, "
+        f"peak {peak:.2f} MB"
+    )
     diffs = sorted(
         ((after.get(k, 0) - before.get(k, 0), k) for k in set(before) | set(after)),
         reverse=True,
