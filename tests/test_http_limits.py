@@ -289,6 +289,24 @@ class StartupCheckTests(TestCase):
         self.patch(guard.GuardedRequest, "handleContentChunk", Request.handleContentChunk)
         self.assertRaises(TwistedWebChanged, make_site, Resource())  # the chunked probe
 
+    def test_a_renamed_private_attribute_stops_start_up_with_one_line(self) -> None:
+        # as if twisted.web no longer set HTTPChannel._path for each request
+        GuardedHTTPChannel._path = property(lambda self: self._renamed)  # type: ignore[attr-defined]
+        self.addCleanup(delattr, GuardedHTTPChannel, "_path")
+        with self.assertRaises(TwistedWebChanged) as caught:
+            make_site(Resource())
+        self.assertIn("a probe request failed (AttributeError", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_a_missing_channel_method_stops_start_up(self) -> None:
+        name = "_respondToBadRequestAndDisconnect"
+        original = http.HTTPChannel.__dict__[name]
+        delattr(http.HTTPChannel, name)
+        self.addCleanup(setattr, http.HTTPChannel, name, original)
+        with self.assertRaises(TwistedWebChanged) as caught:
+            make_site(Resource())
+        self.assertIn(f"HTTPChannel has no {name}", str(caught.exception))
+
     def test_either_body_check_alone_still_refuses(self) -> None:
         """The declared length is checked at the head and again as bytes are counted."""
         self.patch(GuardedHTTPChannel, "allHeadersReceived", http.HTTPChannel.allHeadersReceived)

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -259,27 +260,42 @@ def check_twisted_web(site: GuardedSite) -> None:
     A declared body over the limit must get 413 before the resource runs, and a chunked one
     must be cut at the limit with nothing kept beyond it.  Raises `TwistedWebChanged`.
     """
+    if not hasattr(http, "_GenericHTTPChannelProtocol"):
+        raise TwistedWebChanged(f"twisted.web has no _GenericHTTPChannelProtocol: {_UNSUPPORTED}")
+    for name in ("_respondToBadRequestAndDisconnect", "allHeadersReceived", "requestDone"):
+        if not hasattr(http.HTTPChannel, name):
+            raise TwistedWebChanged(f"twisted.web's HTTPChannel has no {name}: {_UNSUPPORTED}")
+    # The probes also need HTTPChannel._path (set per request) and the Request hooks.
     for request in (
         b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789",
         b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     ):
-        probe = GuardedSite(_NeverRendered(), body_limits=BodyLimits({"/x": 2}))
-        probe.requestFactory = site.requestFactory
-        probe.refusal_log = Logger(observer=_silent)
-        channel = probe.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        channel.dataReceived(request)
-        sent = transport.value()
-        channel.connectionLost(Failure(ConnectionError("probe done")))
-        if not sent.startswith(b"HTTP/1.1 413 ") or probe.refused != {BODY_TOO_LARGE: 1}:
-            raise TwistedWebChanged(
-                "this twisted.web no longer calls the hooks rapida_tap.web.guard uses to "
-                f"refuse request bodies (a probe got {sent[:40]!r}): install a supported "
-                "Twisted version"
-            )
-    if not hasattr(http.HTTPChannel, "_respondToBadRequestAndDisconnect"):
-        raise TwistedWebChanged("twisted.web's HTTPChannel lost _respondToBadRequestAndDisconnect")
+        try:
+            sent, refused = _probe(site, request)
+        except Exception as e:  # an attribute or signature that changed: say so, in one line
+            raise TwistedWebChanged(f"a probe request failed ({e!r}): {_UNSUPPORTED}") from e
+        if not sent.startswith(b"HTTP/1.1 413 ") or refused != {BODY_TOO_LARGE: 1}:
+            raise TwistedWebChanged(f"a probe request got {sent[:40]!r}: {_UNSUPPORTED}")
+
+
+_UNSUPPORTED = (
+    "this twisted.web no longer works as rapida_tap.web.guard expects, so request bodies "
+    "could not be limited; install a supported Twisted version"
+)
+
+
+def _probe(site: GuardedSite, request: bytes) -> tuple[bytes, dict[str, int]]:
+    """What a channel of ``site`` sends for ``request`` (a body limit of 2 bytes)."""
+    # Its own Clock: a probe that fails half-way leaves no timer on the daemon's reactor.
+    probe = GuardedSite(_NeverRendered(), body_limits=BodyLimits({"/x": 2}), reactor=Clock())
+    probe.requestFactory = site.requestFactory
+    probe.refusal_log = Logger(observer=_silent)
+    channel = probe.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(request)
+    channel.connectionLost(Failure(ConnectionError("probe done")))
+    return transport.value(), probe.refused
 
 
 @implementer(ILogObserver)
