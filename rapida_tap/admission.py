@@ -123,9 +123,9 @@ class AdmissionFactory(Factory):
 
     ``pending_bytes``: a connection is identified after that many bytes in (AudioSocket:
     `AUDIOSOCKET_ID_BYTES`); 0 means the protocol says so through `mark_identified`.
-    ``closing``: return a protocol that aborts at once instead of ``None`` when refusing;
-    not needed for TCP (``None`` closes the socket), kept for wrapped factories that cannot
-    take ``None``.
+    A refused connection gets ``None`` from `buildProtocol`, which makes the TCP port close the
+    socket at once; so this factory must be the outermost one (for TLS: around the TLS
+    factory, see ``rapida_tap.tls.TlsListener``).
     """
 
     log = Logger()
