@@ -268,7 +268,7 @@ class WssTest(unittest.TestCase):
         self.assertEqual(self.daemon.site.refused, {"body-too-large": 1})
         yield self.echo_once(client)  # the call never noticed
         client.close_like_asterisk()
-        self.assertEqual((yield call.ended), "caller-hangup")
+        self.assertEqual((yield call.when_ended()), "caller-hangup")
         yield wait_until(lambda: https.connections == 0)
 
     @defer.inlineCallbacks

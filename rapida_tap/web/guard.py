@@ -41,7 +41,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from rapida_tap.admission import mark_identified
-from rapida_tap.media.legs import peer_text
+from rapida_tap.media.listener import peer_text
 from rapida_tap.ratelimit import LogThrottle
 
 #: refusal reasons (log lines and the ``reason`` label of ``rapida_http_refused_total``)
