@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
-from rapida_tap.media.listener import peer_text
+from rapida_tap.web.guard import BodyLimits, GuardedRequest, GuardedSite, check_twisted_web
 from rapida_tap.web.registration import close_after
 
 SECRET_PARAMS = frozenset({"x-api-key", "api_key", "apikey", "key", "token"})
@@ -82,7 +83,7 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
     node.putChild(parts[-1], resource)
 
 
-class QuietRequest(Request):
+class QuietRequest(GuardedRequest):
     """A request whose internal errors are a 500 with an empty body, like every other error.
 
     Twisted's default error page would land in the dialplan's variable.
@@ -100,28 +101,26 @@ class QuietRequest(Request):
         self.finish()
 
 
-class LoggingHTTPChannel(http.HTTPChannel):
-    """An HTTP channel that says in the log when it refuses a request it cannot even parse
-    (garbage, a TLS hello on the plain port): twisted.web answers 400 silently."""
-
-    log = Logger()
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        self.log.warn(
-            "http {peer}: malformed request refused with 400 (not HTTP, or a TLS client on "
-            "the plain port?)",
-            peer=peer_text(self.transport),
-        )
-        super()._respondToBadRequestAndDisconnect()
-
-
-def _channel() -> http._GenericHTTPChannelProtocol:
-    return http._GenericHTTPChannelProtocol(LoggingHTTPChannel())
-
-
-def make_site(root: Resource, *, timeout: float = 30.0) -> Site:
-    site = Site(root, logFormatter=redacted_log_formatter, timeout=timeout)
+def make_site(
+    root: Resource,
+    *,
+    timeout: float = 30.0,
+    head_timeout: float = 10.0,
+    body_limits: BodyLimits | None = None,
+    reactor: Any = None,
+) -> GuardedSite:
+    """The daemon's HTTP site: the limits of `rapida_tap.web.guard`, quiet errors, a
+    redacted access log.  ``timeout`` is twisted.web's inactivity timeout (idle keep-alive).
+    """
+    site = GuardedSite(
+        root,
+        head_timeout=head_timeout,
+        body_limits=body_limits,
+        logFormatter=redacted_log_formatter,
+        timeout=timeout,
+        reactor=reactor,
+    )
     site.requestFactory = QuietRequest
-    site.protocol = _channel  # type: ignore[assignment]
     site.displayTracebacks = False
+    check_twisted_web(site)
     return site
