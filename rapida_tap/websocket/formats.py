@@ -59,3 +59,12 @@ def default_frame_size(fmt: MediaFormat) -> int:
     """Bytes of 20 ms in ``fmt``: what Asterisk's ``optimal_frame_size`` says for it."""
     per_sample = 1 if fmt.to_pcm is not None else 2
     return fmt.rate // 50 * per_sample
+
+
+def chain(first: Convert | None, then: Convert | None) -> Convert:
+    """``then(first(x))``, leaving out a step that is ``None`` (``bytes`` when both are)."""
+    if first is None:
+        return then or bytes
+    if then is None:
+        return first
+    return lambda data: then(first(data))

@@ -1,10 +1,8 @@
 """chan_websocket server: one Autobahn WebSocket connection from Asterisk is one call leg.
 
-Asterisk's ``Dial(WebSocket/<section>/c(ulaw)f(json)v(ctx=<id>))`` connects to the URI of its
-``websocket_client.conf`` section with ``?ctx=<id>`` appended; other clients may put the id in
-the path (``.../ctx/<id>``).  This module only adapts Autobahn to the shared lifecycle
-(``rapida_tap.media.lifecycle``): the checks are in ``handshake``, the output framing in
-``framing``, the control messages in ``control``.  The life of a connection:
+This module only adapts Autobahn to the shared lifecycle (``rapida_tap.media.lifecycle``): the
+checks are in ``handshake``, the output framing in ``framing``, the formats in ``formats``, the
+control messages in ``control`` and ``commands``.  The life of a connection:
 
 1. Upgrade (``onConnect``): a refusal is an HTTP status, so ``Dial()`` fails at once.  The
    context is looked at, not claimed.  permessage-deflate is never negotiated.
@@ -16,13 +14,9 @@ the path (``.../ctx/<id>``).  This module only adapts Autobahn to the shared lif
 4. The end: Asterisk's close frame is a caller hangup at once (its TCP reset right after is
    normal); the daemon ends a call with ``HANGUP`` then close 1000.
 
-Audio is in the format ``MEDIA_START`` names (``ulaw``, ``alaw``, ``slin``, ``slin16`` and the
-other ``slinNN``: ``rapida_tap.websocket.formats``); the leg decodes it and converts its rate
-to the call's (one soxr step, none when they agree), and back.
-
-The pacer's silence ticks send nothing: Asterisk plays its own silence when its queue is
-empty, and silence frames would only delay the next words; ``lead_frames`` frames go ahead
-when speech starts, so Asterisk's 20 ms timer never finds the queue empty between our ticks.
+Audio is in the format ``MEDIA_START`` names, converted to the call's rate and back.  The
+pacer's silence ticks send nothing (Asterisk plays its own silence; ours would only delay the
+next words); ``lead_frames`` frames go ahead when speech starts.
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import interfaces
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -47,12 +40,13 @@ from rapida_tap.media.lifecycle import (
     ILegTransport,
     LegLifecycle,
     Phase,
+    StallWatch,
 )
 from rapida_tap.media.listener import peer_text
 from rapida_tap.reasons import EndReason, Refusal
 from rapida_tap.websocket import commands, control
 from rapida_tap.websocket.control import ControlError, ControlFormat
-from rapida_tap.websocket.formats import MediaFormat, default_frame_size
+from rapida_tap.websocket.formats import MediaFormat, chain, default_frame_size
 from rapida_tap.websocket.framing import MediaFramer, binary_frame
 from rapida_tap.websocket.handshake import (
     SUBPROTOCOL,
@@ -177,7 +171,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         transport: Any = self.transport  # TCP, or TLS over TCP: both take producers
         try:
             transport.unregisterProducer()
-            transport.registerProducer(_StallWatch(self), True)
+            transport.registerProducer(StallWatch(self._lifecycle()), True)
         except (AttributeError, RuntimeError):  # a transport without producers
             return
 
@@ -298,8 +292,8 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         fmt = self.media_format
         assert fmt is not None, "a call starts only after MEDIA_START"
         match = RateMatch(fmt.rate, call.caller_rate_is(fmt.rate))
-        self._inbound = _chain(fmt.to_pcm, match.to_call)
-        self._outbound = _chain(match.to_wire, fmt.from_pcm)
+        self._inbound = chain(fmt.to_pcm, match.to_call)
+        self._outbound = chain(match.to_wire, fmt.from_pcm)
         return self._inbound
 
     # -- ICallLeg: the pacer and the call drive these -------------------------------------
@@ -428,29 +422,3 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self._inbound, self._outbound = None, bytes  # the resamplers' native state
         if self.lifecycle is not None:
             self.lifecycle.connection_lost()
-
-
-def _chain(first: Callable[[bytes], bytes] | None, then: Callable[[bytes], bytes] | None) -> Any:
-    """``then(first(x))``, leaving out a step that is ``None`` (``bytes`` when both are)."""
-    if first is None:
-        return then or bytes
-    if then is None:
-        return first
-    return lambda data: then(first(data))
-
-
-@implementer(interfaces.IPushProducer)
-class _StallWatch:
-    """The transport's producer for one session: buffer full / drained / gone."""
-
-    def __init__(self, leg: MediaWebSocketProtocol) -> None:
-        self._lifecycle = leg._lifecycle()
-
-    def pauseProducing(self) -> None:
-        self._lifecycle.writes_paused()
-
-    def resumeProducing(self) -> None:
-        self._lifecycle.writes_resumed()
-
-    def stopProducing(self) -> None:
-        """The connection is going: ``connectionLost`` follows."""
