@@ -131,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         flooder = multiprocessing.get_context("fork").Process(
             target=attack, args=(args.attack, ports, args.seconds, queue)
         )
+        flood_started = time.monotonic()
         flooder.start()
         time.sleep(1.0)  # the flood is under way before the clean calls start
         flooded = run_load(config, daemon)
         flooder.join(args.seconds + 30)
+        elapsed = time.monotonic() - flood_started
         marker, sent = queue.get(timeout=5)
         rss_peak = servers.rss_mb(daemon.pid)
         lines = log_lines(daemon, marker, log_from)
@@ -147,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         "flooded_p99_interval_ms": flooded["interval_error_ms"]["p99"],
         "clean_lost": clean["frames_lost"],
         "flooded_lost": flooded["frames_lost"],
+        "clean_underruns": clean["underruns_daemon"],
+        "flooded_underruns": flooded["underruns_daemon"],
+        "clean_client_lag_p99_ms": clean["client_send_lag_ms"]["p99"],
+        "flooded_client_lag_p99_ms": flooded["client_send_lag_ms"]["p99"],
+        "attack_seconds": round(elapsed, 2),
         "rss_mb_before": round(rss_before, 1),
         "rss_mb_after": round(rss_peak, 1),
         "log_lines_of_the_attack": lines,
