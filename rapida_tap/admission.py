@@ -20,9 +20,10 @@ and counted, if
   the calls of others one ``accept()`` and one ``close()`` each.
 
 When the listener or the node is full, a new connection that passed the per-address checks
-takes the place of this listener's oldest connection that has waited at least
-``EVICT_AFTER`` seconds without identifying itself (``evicted-pending``; it is aborted): slow
-peers from many addresses can then fill the node, but not keep a registration out of it.
+takes the place of this listener's oldest connection that has not identified itself
+(``evicted-pending``; it is aborted): slow peers from many addresses can then fill the node
+but not keep a registration out, since a registration identifies itself (its head is in)
+within a round trip, long before it becomes the oldest.  Live calls are never evicted.
 
 Refusals are logged at most one line per reason every few seconds, with the count held back.
 
@@ -52,8 +53,6 @@ TOO_MANY_PENDING = "too-many-pending"
 ACCEPT_RATE = "accept-rate"
 EVICTED = "evicted-pending"
 
-#: seconds a connection must have waited unidentified before a newcomer may take its place
-EVICT_AFTER = 1.0
 
 #: AudioSocket: a connection has identified itself once its UUID frame (3 + 16 bytes) is in
 AUDIOSOCKET_ID_BYTES = 19
@@ -154,6 +153,7 @@ class AdmissionFactory(Factory):
         accept_burst: int,
         pending_bytes: int = 0,
         log_interval: float = 5.0,
+        evict_after: float = 0.0,
     ) -> None:
         self.wrapped = wrapped
         self.name = name
@@ -163,6 +163,7 @@ class AdmissionFactory(Factory):
         self.max_pending_per_address = max(1, min(max_pending_per_address, budget.limit // 4))
         self.accept = RateLimiter(accept_rate, accept_burst)
         self.pending_bytes = pending_bytes
+        self.evict_after = evict_after  # seconds unidentified before it may be evicted
         self.connections = 0
         self.pending: dict[str, int] = {}
         self._waiting: dict[AdmittedProtocol, None] = {}  # pending ones, oldest first
@@ -214,7 +215,7 @@ class AdmissionFactory(Factory):
     def _evict_oldest(self) -> bool:
         """Abort this listener's oldest unidentified connection if it waited long enough."""
         oldest = next(iter(self._waiting), None)
-        if oldest is None or self.clock.seconds() - oldest.accepted_at < EVICT_AFTER:
+        if oldest is None or self.clock.seconds() - oldest.accepted_at < self.evict_after:
             return False
         self.release(oldest)  # its slot is free now; the abort completes on the next turn
         oldest.transport.abortConnection()  # type: ignore[union-attr]
@@ -245,8 +246,8 @@ class AdmissionFactory(Factory):
             TOO_MANY_PENDING: f"{self.max_pending_per_address} connections from this address "
             "have not identified themselves yet",
             ACCEPT_RATE: f"over {self.accept.rate:g} new connections a second from this address",
-            EVICTED: f"unidentified for over {EVICT_AFTER:g} s while the listener or the node "
-            "was full: aborted to make room",
+            EVICTED: "the oldest unidentified connection while the listener or the node was "
+            "full: aborted to make room",
         }[why]
 
     def release_pending(self, protocol: AdmittedProtocol) -> None:
