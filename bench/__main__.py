@@ -89,6 +89,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     fl.add_argument("-n", "--calls", type=int, default=20, help="clean calls [20]")
     fl.add_argument("--bad", type=int, default=10000, help="bad connections [10000]")
     fl.add_argument("--hold", type=float, default=15.0, help="measurement window, s [15]")
+    fl.add_argument(
+        "--rate", type=float, default=770.0, help="bad connections a second, 0: flat out [770]"
+    )
     fl.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
     fl.add_argument("--unlimited", action="store_true", help="lift the accept rate, as `run` does")
     fl.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "flood":
         # The daemon's own accept limits (the bench lifts them for capacity runs).
         env = {} if args.unlimited else {"RAPIDA_ACCEPT_RATE": "200", "RAPIDA_ACCEPT_BURST": "400"}
-        result = edges.flood(args.calls, args.bad, args.hold, args.core, env)
+        result = edges.flood(args.calls, args.bad, args.hold, args.core, env, args.rate or None)
         print(f"{args.calls} clean calls, {args.bad} bad AudioSocket connections, {pinned}")
         for label, r in result.items():
             print(

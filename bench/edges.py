@@ -44,21 +44,25 @@ def _open(port: int, source: str) -> socket.socket:
     return sock
 
 
-def bad_connections(port: int, count: int, start_at: float, source: str = "127.0.0.2") -> dict:
-    """Open ``count`` connections (at most 256 at a time) that send a bad frame and close."""
+def bad_connections(
+    port: int, count: int, start_at: float, rate: float | None = None, source: str = "127.0.0.2"
+) -> dict:
+    """Open ``count`` connections (at most 256 at a time) that send a bad frame and close;
+    ``rate`` a second if given (the same attack for every daemon), else as fast as possible."""
     while time.monotonic() < start_at:
         time.sleep(0.01)
     sel = selectors.DefaultSelector()
     began = time.monotonic()
     opened = failed = 0
     while opened < count or sel.get_map():
-        while opened < count and len(sel.get_map()) < 256:
+        due = count if rate is None else min(count, int((time.monotonic() - began) * rate) + 1)
+        while opened < due and len(sel.get_map()) < 256:
             try:
                 sel.register(_open(port, source), selectors.EVENT_WRITE)
             except OSError:
                 failed += 1
             opened += 1
-        for key, _ in sel.select(timeout=1.0):
+        for key, _ in sel.select(timeout=0.001 if opened < count else 1.0):
             sock = key.fileobj
             sel.unregister(sock)
             try:
@@ -69,7 +73,9 @@ def bad_connections(port: int, count: int, start_at: float, source: str = "127.0
     return {"opened": opened, "failed": failed, "seconds": round(time.monotonic() - began, 2)}
 
 
-def flood(calls: int, bad: int, hold: float, core: int | None, env: dict[str, str]) -> dict:
+def flood(
+    calls: int, bad: int, hold: float, core: int | None, env: dict[str, str], rate: float | None
+) -> dict:
     """p99 interval error of ``calls`` clean calls, alone and during the bad connections."""
     results: dict[str, Any] = {}
     for label in ("alone", "flood"):
@@ -82,7 +88,7 @@ def flood(calls: int, bad: int, hold: float, core: int | None, env: dict[str, st
                 pending = None
                 if label == "flood":
                     pending = pool.apply_async(
-                        bad_connections, (server.as_port, bad, hold_from + 0.5)
+                        bad_connections, (server.as_port, bad, hold_from + 0.5, rate)
                     )
                 metrics = run_load(config, server)
                 bad_result = pending.get(timeout=120) if pending is not None else None

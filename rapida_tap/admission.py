@@ -19,6 +19,12 @@ and counted, if
   ``accept_burst`` (``accept-rate``), so a flood of new connections from one address costs
   the calls of others one ``accept()`` and one ``close()`` each.
 
+When the listener or the node is full, a new connection that passed the per-address checks
+takes the place of this listener's oldest connection that has not identified itself
+(``evicted-pending``; it is aborted): slow peers from many addresses can then fill the node
+but not keep a registration out, since a registration identifies itself (its head is in)
+within a round trip, long before it becomes the oldest.  Live calls are never evicted.
+
 Refusals are logged at most one line per reason every few seconds, with the count held back.
 
 The wrapper stays out of the data path: the wrapped protocol gets the real transport (so
@@ -45,6 +51,8 @@ TOO_MANY_CONNECTIONS = "too-many-connections"
 OUT_OF_DESCRIPTORS = "out-of-descriptors"
 TOO_MANY_PENDING = "too-many-pending"
 ACCEPT_RATE = "accept-rate"
+EVICTED = "evicted-pending"
+
 
 #: AudioSocket: a connection has identified itself once its UUID frame (3 + 16 bytes) is in
 AUDIOSOCKET_ID_BYTES = 19
@@ -76,6 +84,8 @@ class AdmittedProtocol(ProtocolWrapper):
         self.wrappedProtocol = wrapped
         self.host = host
         self.pending = True
+        self.released = False
+        self.accepted_at = factory.clock.seconds()
         self._pending_bytes = pending_bytes  # 0: identified by `identified()` only
 
     def makeConnection(self, transport: Any) -> None:
@@ -93,8 +103,7 @@ class AdmittedProtocol(ProtocolWrapper):
     def identified(self) -> None:
         """The peer said who it is: it no longer counts against its address's pending cap."""
         if self.pending:
-            self.pending = False
-            self.factory.release_pending(self.host)
+            self.factory.release_pending(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.factory.release(self)
@@ -144,6 +153,7 @@ class AdmissionFactory(Factory):
         accept_burst: int,
         pending_bytes: int = 0,
         log_interval: float = 5.0,
+        evict_after: float = 0.0,
     ) -> None:
         self.wrapped = wrapped
         self.name = name
@@ -153,8 +163,10 @@ class AdmissionFactory(Factory):
         self.max_pending_per_address = max(1, min(max_pending_per_address, budget.limit // 4))
         self.accept = RateLimiter(accept_rate, accept_burst)
         self.pending_bytes = pending_bytes
+        self.evict_after = evict_after  # seconds unidentified before it may be evicted
         self.connections = 0
         self.pending: dict[str, int] = {}
+        self._waiting: dict[AdmittedProtocol, None] = {}  # pending ones, oldest first
         self.refused: dict[str, int] = {}
         self._throttle = LogThrottle(log_interval)
         self.on_refused: list[Callable[[str, str], None]] = []  # (reason, host), for tests
@@ -174,6 +186,8 @@ class AdmissionFactory(Factory):
     def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
         host = str(getattr(addr, "host", "?"))
         why = self._refusal(host)
+        if why in (TOO_MANY_CONNECTIONS, OUT_OF_DESCRIPTORS) and self._evict_oldest():
+            why = ""
         if why:
             self._refuse(why, host)
             return None
@@ -183,18 +197,30 @@ class AdmissionFactory(Factory):
         self.connections += 1
         self.budget.open += 1
         self.pending[host] = self.pending.get(host, 0) + 1
-        return AdmittedProtocol(self, inner, host, self.pending_bytes)
+        protocol = AdmittedProtocol(self, inner, host, self.pending_bytes)
+        self._waiting[protocol] = None
+        return protocol
 
     def _refusal(self, host: str) -> str:
-        if self.connections >= self.max_connections:
-            return TOO_MANY_CONNECTIONS
-        if self.budget.open >= self.budget.limit:
-            return OUT_OF_DESCRIPTORS
         if self.pending.get(host, 0) >= self.max_pending_per_address:
             return TOO_MANY_PENDING
         if not self.accept.allow(host, self.clock.seconds()):
             return ACCEPT_RATE
+        if self.connections >= self.max_connections:
+            return TOO_MANY_CONNECTIONS
+        if self.budget.open >= self.budget.limit:
+            return OUT_OF_DESCRIPTORS
         return ""
+
+    def _evict_oldest(self) -> bool:
+        """Abort this listener's oldest unidentified connection if it waited long enough."""
+        oldest = next(iter(self._waiting), None)
+        if oldest is None or self.clock.seconds() - oldest.accepted_at < self.evict_after:
+            return False
+        self.release(oldest)  # its slot is free now; the abort completes on the next turn
+        oldest.transport.abortConnection()  # type: ignore[union-attr]
+        self._refuse(EVICTED, oldest.host)
+        return True
 
     def _refuse(self, why: str, host: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
@@ -220,18 +246,26 @@ class AdmissionFactory(Factory):
             TOO_MANY_PENDING: f"{self.max_pending_per_address} connections from this address "
             "have not identified themselves yet",
             ACCEPT_RATE: f"over {self.accept.rate:g} new connections a second from this address",
+            EVICTED: "the oldest unidentified connection while the listener or the node was "
+            "full: aborted to make room",
         }[why]
 
-    def release_pending(self, host: str) -> None:
-        left = self.pending.get(host, 0) - 1
+    def release_pending(self, protocol: AdmittedProtocol) -> None:
+        """``protocol`` identified itself or ended: it no longer counts as pending."""
+        protocol.pending = False
+        self._waiting.pop(protocol, None)
+        left = self.pending.get(protocol.host, 0) - 1
         if left > 0:
-            self.pending[host] = left
+            self.pending[protocol.host] = left
         else:
-            self.pending.pop(host, None)
+            self.pending.pop(protocol.host, None)
 
     def release(self, protocol: AdmittedProtocol) -> None:
+        """``protocol``'s connection ended (or is being evicted): free its slots, once."""
+        if protocol.released:
+            return
+        protocol.released = True
         self.connections -= 1
         self.budget.open -= 1
         if protocol.pending:
-            protocol.pending = False
-            self.release_pending(protocol.host)
+            self.release_pending(protocol)

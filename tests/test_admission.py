@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 from rapida_tap.admission import (
     ACCEPT_RATE,
     AUDIOSOCKET_ID_BYTES,
+    EVICTED,
     OUT_OF_DESCRIPTORS,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_PENDING,
@@ -132,7 +133,7 @@ class AdmissionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_the_total_is_capped_and_a_closed_connection_frees_its_slot(self) -> Any:
-        admission, _, port = self.listen(max_connections=2)
+        admission, _, port = self.listen(max_connections=2, evict_after=60.0)  # no eviction
         first, _ = yield self.connect(port)
         yield self.connect(port, source="127.0.0.2")
         _, ok = yield self.connect(port, source="127.0.0.3")
@@ -148,14 +149,53 @@ class AdmissionTests(TestCase):
     def test_listeners_share_one_descriptor_budget(self) -> Any:
         budget = DescriptorBudget(limit=66, reserve=64)  # room for 2 connections in all
         self.assertEqual(budget.limit, 2)
-        one, _, port1 = self.listen(budget=budget, name="one")
-        two, _, port2 = self.listen(budget=budget, name="two")
+        one, _, port1 = self.listen(budget=budget, name="one", evict_after=60.0)
+        two, _, port2 = self.listen(budget=budget, name="two", evict_after=60.0)
         yield self.connect(port1)
         yield self.connect(port2)
         _, ok = yield self.connect(port2, source="127.0.0.2")
         self.assertFalse(ok)
         self.assertEqual(two.refused, {OUT_OF_DESCRIPTORS: 1})
         self.assertEqual((one.connections, two.connections, budget.open), (1, 1, 2))
+
+    @defer.inlineCallbacks
+    def test_a_full_node_makes_room_by_evicting_its_oldest_unidentified_connection(
+        self,
+    ) -> Any:
+        budget = DescriptorBudget(limit=67, reserve=64)  # room for 3 connections
+        admission, _, port = self.listen(
+            budget=budget, pending_bytes=AUDIOSOCKET_ID_BYTES, evict_after=1.0
+        )
+        caller, _ = yield self.connect(port, source="127.0.0.1")
+        caller.transport.write(b"\x01\x00\x10" + bytes(16))  # identified: a live call
+        yield wait_until(lambda: "127.0.0.1" not in admission.pending)
+        slow, _ = yield self.connect(port, source="127.0.0.2")  # never identifies
+        self.clock.advance(0.5)
+        young, _ = yield self.connect(port, source="127.0.0.3")
+        _, ok = yield self.connect(port, source="127.0.0.4")
+        self.assertFalse(ok)  # full, and nobody has waited evict_after yet
+        self.assertEqual(admission.refused, {OUT_OF_DESCRIPTORS: 1})
+        self.clock.advance(0.5)  # the slow one has now waited 1 s, the young one 0.5 s
+        newcomer, ok = yield self.connect(port, source="127.0.0.4")
+        self.assertTrue(ok)
+        yield slow.lost  # aborted to make room
+        self.assertEqual(admission.refused, {OUT_OF_DESCRIPTORS: 1, EVICTED: 1})
+        self.assertEqual((admission.connections, budget.open), (3, 3))
+        self.assertFalse(caller.lost.called)  # an identified connection is never evicted
+        self.assertFalse(young.lost.called)
+        self.assertEqual(admission.pending, {"127.0.0.3": 1, "127.0.0.4": 1})
+
+    @defer.inlineCallbacks
+    def test_by_default_the_oldest_unidentified_connection_makes_room_at_once(self) -> Any:
+        budget = DescriptorBudget(limit=66, reserve=64)
+        admission, _, port = self.listen(budget=budget, pending_bytes=AUDIOSOCKET_ID_BYTES)
+        first, _ = yield self.connect(port, source="127.0.0.1")
+        second, _ = yield self.connect(port, source="127.0.0.2")
+        _, ok = yield self.connect(port, source="127.0.0.3")
+        self.assertTrue(ok)
+        yield first.lost
+        self.assertFalse(second.lost.called)
+        self.assertEqual(admission.refused, {EVICTED: 1})
 
     @defer.inlineCallbacks
     def test_accept_rate_per_address_refills_with_time(self) -> Any:

@@ -544,7 +544,7 @@ def test_flood_mode_measures_clean_calls_alone_and_during_bad_connections(
     tmp_path: Path,
 ) -> None:
     stdout, result = _bench(
-        tmp_path, "flood", "-n", "2", "--bad", "300", "--hold", "1", "--core", "none"
+        tmp_path, "flood", "-n", "2", "--bad", "300", "--hold", "1", "--core", "none", "--rate", "0"
     )
     assert isinstance(result, dict)
     assert set(result) == {"alone", "flood"}
