@@ -12,7 +12,7 @@ What it answers (the summary at the end):
 * *warm idle*: RSS once the first round has ended (imports, pools and caches are warm);
 * *growth after warm-up*: RSS at load in the last rounds minus at load in the second round,
   and the least-squares slope of RSS at load over the run (MB per hour);
-* *back to idle*: RSS after the calls end minus warm idle (the issue's bar: within 2 MB);
+* *back to idle*: RSS after the calls end minus warm idle (the quality bar: within 2 MB);
 * descriptors: at idle before, during, and after (a leaked socket shows here first).
 """
 
