@@ -49,6 +49,9 @@ class Settings:
     ws_lead_frames: int = 3
     ring_timeout: float = 120.0
     ring_check_interval: float = 5.0
+    # call control (docs/call-control.md): dial string templates of transfer targets
+    transfer_endpoint: str = ""  # e.g. "PJSIP/{to}@my-trunk"; "" = number transfers refused
+    transfer_sip_endpoint: str = ""  # e.g. "PJSIP/my-trunk/{uri}"; "" = <Sip> refused
     # operations (docs/operations.md)
     drain_timeout: float = 30.0  # seconds live calls may run on after SIGTERM / POST /admin/drain
     metrics: str = ""  # endpoint of its own for /metrics; "" = /metrics on the HTTP site
@@ -83,6 +86,8 @@ SCALARS: dict[str, type] = {
     "ws_lead_frames": int,
     "ring_timeout": float,
     "ring_check_interval": float,
+    "transfer_endpoint": str,
+    "transfer_sip_endpoint": str,
     "drain_timeout": float,
     "metrics": str,
     "api_keys_file": str,
@@ -140,6 +145,10 @@ def build_settings(
     from rapida_tap.assistants.config import parse_assistants  # it imports ConfigError
 
     parse_assistants(settings.assistants, settings.assistant, environ)
+    from rapida_tap.assistants.config import check_transfer_template
+
+    check_transfer_template(settings.transfer_endpoint, "transfer_endpoint")
+    check_transfer_template(settings.transfer_sip_endpoint, "transfer_sip_endpoint", sip=True)
     return settings
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -103,6 +104,8 @@ class MemoryContextStore:
         self._tombstone_ttl = tombstone_ttl
         self._live: dict[str, tuple[CallContext, IDelayedCall]] = {}
         self._tombstones: dict[str, tuple[type[ContextError], IDelayedCall]] = {}
+        self._records: dict[str, tuple[dict[str, str], IDelayedCall]] = {}
+        self._listeners: dict[str, Callable[[str], None]] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -136,14 +139,50 @@ class MemoryContextStore:
             self._bury(context_id, ContextExpired)
         return defer.succeed(None)
 
+    def update_call(
+        self, context_id: str, fields: Mapping[str, str], ttl: float
+    ) -> defer.Deferred[None]:
+        record, timer = self._records.pop(context_id, ({}, None))
+        if timer is not None and timer.active():
+            timer.cancel()
+        record.update(fields)
+        expiry = self._clock.callLater(ttl, self._records.pop, context_id, None)
+        self._records[context_id] = (record, expiry)
+        return defer.succeed(None)
+
+    def load_call(self, context_id: str) -> defer.Deferred[dict[str, str]]:
+        entry = self._records.get(context_id)
+        return defer.succeed(dict(entry[0]) if entry else {})
+
+    def claim_call_field(self, context_id: str, field: str, value: str) -> defer.Deferred[bool]:
+        entry = self._records.get(context_id)
+        if entry is None or field in entry[0]:
+            return defer.succeed(False)
+        entry[0][field] = value
+        return defer.succeed(True)
+
+    def publish(self, channel: str, message: str) -> defer.Deferred[int]:
+        handler = self._listeners.get(channel)
+        if handler is None:
+            return defer.succeed(0)
+        handler(message)
+        return defer.succeed(1)
+
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        self._listeners[channel] = handler
+
     def close(self) -> None:
         """Cancel every timer (service stop, tests)."""
         for _, timer in self._live.values():
             timer.cancel()
         for _, timer in self._tombstones.values():
             timer.cancel()
+        for _, timer in self._records.values():
+            if timer.active():
+                timer.cancel()
         self._live.clear()
         self._tombstones.clear()
+        self._records.clear()
 
     def _expire(self, context_id: str) -> None:
         del self._live[context_id]

@@ -136,7 +136,12 @@ BAD = [
     ({"a": {"url": "ws://h/", "ca_file": "/etc/hosts"}}, r"ca_file: only for a wss:// URL"),
     ({"a": {"url": URL, "ca_file": "/nonexistent/ca.pem"}}, r"ca_file: cannot read"),
     ({"a": {"url": URL, "ca_file": 3}}, r"ca_file: must be the path"),
-    ({"a": {"url": URL, "account_sid": ""}}, r"account_sid: must be a non-empty string"),
+    ({"a": {"url": URL, "account_sid": ""}}, r"account_sid: 1-64 of \[A-Za-z0-9._-\]"),
+    ({"a": {"url": URL, "account_sid": "AC 1/x"}}, r"account_sid: 1-64 of .*part of a URL"),
+    ({"a": {"url": URL, "transfer_endpoint": "PJSIP/{number}"}}, r"a.transfer_endpoint: .*number"),
+    ({"a": {"url": URL, "transfer_endpoint": "PJSIP/trunk"}}, r"transfer_endpoint: .*contain {to}"),
+    ({"a": {"url": URL, "transfer_sip_endpoint": "PJSIP/{to}"}}, r"transfer_sip_endpoint: .*{to}"),
+    ({"a": {"url": URL, "transfer_fallback": "yes"}}, r"transfer_fallback: must be true or false"),
     ({"default": {"url": "ftp://x"}}, r"^assistants\.default\.url:"),
 ]
 

@@ -82,13 +82,32 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
     node.putChild(parts[-1], resource)
 
 
+def body_too_large(request: Request, limit: int) -> bool:
+    """Whether the request's body exceeds ``limit`` bytes (declared or received)."""
+    declared = request.getHeader(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return True
+    return int(getattr(request, "body_received", 0)) > limit
+
+
 class QuietRequest(Request):
     """A request whose internal errors are a 500 with an empty body, like every other error.
 
-    Twisted's default error page would land in the dialplan's variable.
+    Twisted's default error page would land in the dialplan's variable.  Its body is kept up
+    to ``MAX_BODY`` bytes as it arrives and the rest dropped (and counted in
+    ``body_received``), so no client can make the daemon buffer more than that.
     """
 
     log = Logger()
+    #: The largest body any resource of the daemon reads, in bytes.
+    MAX_BODY = 64 * 1024
+    body_received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        room = self.MAX_BODY - self.body_received
+        self.body_received += len(data)
+        if room > 0:
+            super().handleContentChunk(data[:room])
 
     def processingFailed(self, reason: Failure) -> None:
         self.log.failure("request {uri} failed", reason, uri=redact_uri(self.uri))
