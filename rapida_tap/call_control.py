@@ -314,7 +314,11 @@ class CallControl:
         record = await self.load(context_id)
         if "outbound" not in record:
             raise CallNotFound(f"no outbound call {context_id}")
-        if "started" in record and "ended" not in record:
+        local = self._bridge.calls.get(context_id)
+        if local is not None:
+            local.end(EndReason.API_HANGUP, "hung up through the API")
+            await self.settle()
+        elif "started" in record and "ended" not in record:
             reply = await self._ask(
                 record.get("node", ""), "update", ctx=context_id, action={"kind": "api-hangup"}
             )
