@@ -482,6 +482,8 @@ def outbound_view(record: dict[str, str]) -> dict[str, Any]:
     if "outbound" not in record:
         raise CallNotFound("not an outbound call")
     view: dict[str, Any] = json.loads(record["outbound"])
+    if "started" in record and view.get("status") in ("originating", "ringing"):
+        view.update(status="connected", connected_at=float(record["started"]))
     if "ended" in record and view.get("status") == "connected":
         view.update(
             status="ended",

@@ -129,7 +129,7 @@ class CallsResource(Resource):
                 if self._control is None:
                     raise _api_error(e) from None
                 return self._elsewhere(request, context_id, None)
-            if call.call is None and call.status == "connected" and self._control is not None:
+            if call.call is None and call.status in ("ringing", "connected") and self._control:
                 return self._elsewhere(request, context_id, call)
             return self._json(request, http.OK, call.to_json())
         if method == b"DELETE":
