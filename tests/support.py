@@ -129,14 +129,16 @@ def register(
 
 def tone(frames: int, hz: float = 440.0, rate: int = 8000, amplitude: int = 8000) -> list[bytes]:
     """``frames`` 20 ms frames of a sine, PCM16 LE; every frame differs (phase continues)."""
+    return [tone_frame(f, hz, rate, amplitude) for f in range(frames)]
+
+
+def tone_frame(index: int, hz: float = 440.0, rate: int = 8000, amplitude: int = 8000) -> bytes:
+    """Frame ``index`` of the endless sine `tone` cuts into frames."""
     n = rate // 50
-    out = []
-    for f in range(frames):
-        samples = [
-            int(amplitude * math.sin(2 * math.pi * hz * (f * n + i) / rate)) for i in range(n)
-        ]
-        out.append(struct.pack(f"<{n}h", *samples))
-    return out
+    return struct.pack(
+        f"<{n}h",
+        *(int(amplitude * math.sin(2 * math.pi * hz * (index * n + i) / rate)) for i in range(n)),
+    )
 
 
 @dataclass

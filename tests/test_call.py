@@ -364,3 +364,83 @@ class BacklogTrimTests(SynchronousTestCase):
         self.clock.pump([0.02] * 200)
         self.assertEqual(self.call.frames_out, 200)
         self.assertEqual(self.call.trimmed_frames, 0)
+
+
+class CushionTests(SynchronousTestCase):
+    """A real-time source whose frames land near our tick keeps one frame in hand: no gaps."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(self.clock)
+        self.leg = FakeLeg()
+        self.call = Call(
+            CallContext(new_context_id(), "a"), self.leg, clock=self.clock, pacer=self.pacer
+        )
+        self.call.trim_backlog = True
+        self.n = 1
+
+    def advance_to(self, at: float) -> None:
+        """Move the clock to ``at``, firing each timer at its own time (not all at the end)."""
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls()]
+            step = min(due, default=at)
+            if step > at:
+                break
+            self.clock.advance(max(0.0, step - self.clock.seconds()))
+        self.clock.advance(max(0.0, at - self.clock.seconds()))
+
+    def run_source(self, phase: float, jitter: list[float], frames: int, stop: bool = True) -> None:
+        """One frame every 20 ms from ``phase`` s after the source's grid point, plus each
+        frame's own jitter; ``stop`` lets the queue run dry afterwards."""
+        start = getattr(self, "_grid", self.clock.seconds())
+        for i in range(frames):
+            self.advance_to(start + i * 0.02 + phase + jitter[i % len(jitter)])
+            self.call.play(self.source_frame(self.n))
+            self.n += 1
+        self._grid = start + frames * 0.02
+        if stop:
+            self.advance_to(self.clock.seconds() + 0.1)
+
+    @staticmethod
+    def source_frame(n: int) -> bytes:
+        return frame(1 + n % 255)  # never all zeros, which would read as silence
+
+    def gaps(self) -> int:
+        """Silent frames between the first and the last audio frame."""
+        out = self.leg.out
+        audio = [i for i, f in enumerate(out) if f != SILENCE]
+        return sum(1 for f in out[audio[0] : audio[-1]] if f == SILENCE)
+
+    def test_frames_landing_just_before_the_tick_never_miss_it(self) -> None:
+        self.clock.advance(0.0195 - 0.001)  # 1 ms before the first tick (which fires 0.5 ms early)
+        self.run_source(0.0, [0.0, 0.0015, -0.001, 0.0025, 0.0], 500)  # jitter across the tick
+        self.assertEqual(self.gaps(), 0)
+        self.assertEqual(self.call.underruns, 0)
+        audio = [f for f in self.leg.out if f != SILENCE]
+        self.assertEqual(audio, [self.source_frame(i) for i in range(1, self.n)])  # none lost
+        self.assertEqual(self.call.trimmed_frames, 0)  # the one frame in hand is kept
+
+    def test_frames_landing_mid_interval_keep_no_cushion(self) -> None:
+        self.clock.advance(0.009)
+        self.run_source(0.0, [0.0, 0.001, -0.001], 200)
+        self.assertEqual(self.gaps(), 0)
+        first_audio = next(i for i, f in enumerate(self.leg.out) if f != SILENCE)
+        self.assertEqual(first_audio, 0)  # played at the very next tick: no extra latency
+
+    def test_a_gap_gives_the_call_its_cushion(self) -> None:
+        self.clock.advance(0.009)
+        # Mid-interval, then the source slips close to the tick and jitters across it.
+        self.run_source(0.0, [0.0], 20, stop=False)
+        self.run_source(0.0095, [0.0, 0.0015, 0.0], 300)
+        self.assertLessEqual(self.call.underruns, 1)  # the first miss, then never again
+        self.assertLessEqual(self.gaps(), 1)
+
+    def test_a_backlog_beyond_the_cushion_is_still_trimmed(self) -> None:
+        self.clock.advance(0.0185)
+        self.run_source(0.0, [0.0], 10, stop=False)
+        for _ in range(3):  # a stall upstream: three frames at once
+            self.call.play(self.source_frame(self.n))
+            self.n += 1
+        self.run_source(0.0, [0.0], 300)
+        self.assertGreaterEqual(self.call.trimmed_frames, 3)
+        self.assertLessEqual(self.call.queued_frames, 2)

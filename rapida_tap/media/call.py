@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.pacer import Pacer
 
 TRIM_WINDOW = 50  # ticks (1 s) a backlog must stand before real-time audio is caught up
+NEAR_TICK = 0.004  # s: audio that starts this close before a tick gets a frame of cushion
 
 
 class Call:
@@ -72,6 +73,8 @@ class Call:
         self._playout_count = 0
         self._playing = False
         self._gap_open = False
+        self._cushion = 0  # frames kept in hand for a source that lands near our tick
+        self._preroll = 0  # ticks waited so far to fill the cushion
         self._paused = False
         self._burst = 0  # frames to send at once on the next tick (after a resume)
         self.frames_in = 0
@@ -138,6 +141,9 @@ class Call:
         if self._gap_open:
             self.underruns += 1
             self._gap_open = False
+            self._cushion = 1  # its frames land near our tick: keep one in hand from now on
+        elif not self._playing and not self._cushion and not self._queue:
+            self._cushion = int(self._pacer.until_next_tick() < NEAR_TICK)
         data = self._partial + pcm if self._partial else pcm
         whole = len(data) - len(data) % FRAME_BYTES
         queue = self._queue
@@ -243,6 +249,12 @@ class Call:
             return
         queue = self._queue
         if queue:
+            if not self._playing and len(queue) <= self._cushion and self._preroll < self._cushion:
+                self._preroll += 1  # fill the cushion first; silence before audio is no gap
+                self.silence_out += 1
+                self.leg.send_silence()
+                return
+            self._preroll = 0
             extra = self._burst
             if not self._playing and self._lead > extra:
                 extra = self._lead
@@ -276,16 +288,23 @@ class Call:
         """For real-time sources: has a backlog stood for a whole trim window?
 
         Echo input arrives at exactly the rate it is played, so frames queued by a stall of the
-        input (or of the reactor) would add their delay to the rest of the call.  When at least
-        one frame has been waiting at every tick for ``TRIM_WINDOW`` ticks, one extra frame goes
-        out: the latency comes back at one frame per window, and nothing is dropped.  Bursty
-        input drains to zero between bursts, so it never triggers this.
+        input (or of the reactor) would add their delay to the rest of the call.  When more
+        than the cushion has been waiting at every tick for ``TRIM_WINDOW`` ticks, one extra
+        frame goes out: the latency comes back at one frame per window, and nothing is dropped.
+        Bursty input drains to zero between bursts, so it never triggers this.
+
+        The cushion is what keeps a real-time source without gaps: a source whose frames land
+        close to our tick (within the jitter of either clock) would miss a tick now and then,
+        and each miss is a silent frame in the middle of speech, an audible click.  Such a call
+        keeps one frame in hand (20 ms more latency, for that call only): chosen when its audio
+        starts within ``NEAR_TICK`` of a tick, or after its first gap.  Calls whose frames land
+        comfortably between ticks keep none.
         """
         self._backlog_min = min(self._backlog_min, backlog)
         self._backlog_ticks += 1
         if self._backlog_ticks < TRIM_WINDOW:
             return False
-        standing = self._backlog_min >= 1
+        standing = self._backlog_min >= 1 + self._cushion
         self._backlog_ticks = 0
         self._backlog_min = backlog - 1 if standing else backlog
         if standing:

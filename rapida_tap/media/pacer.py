@@ -74,6 +74,12 @@ class Pacer:
             self.debt = 0
             self._timer = self._clock.callLater(self.interval - _EARLY, self._tick)
 
+    def until_next_tick(self) -> float:
+        """Seconds from now to the next tick's place on the grid (a whole interval when idle)."""
+        if self._timer is None:
+            return self.interval
+        return self._start + self._next * self.interval - self._clock.seconds()
+
     def remove(self, stream: Paced) -> None:
         self._streams.pop(stream, None)
         if not self._streams and self._timer is not None:
