@@ -1,9 +1,12 @@
 """A real Pipecat 1.x telephony bot with no AI services, for the tests and the bench.
 
 Written as a Pipecat user writes a Twilio bot: a FastAPI WebSocket route,
-``parse_telephony_websocket``, ``TwilioFrameSerializer`` (``auto_hang_up=False``: the daemon
-offers no Twilio REST API), ``FastAPIWebsocketTransport``, a ``PipelineWorker`` run by a
-``WorkerRunner``.  One processor stands in for the STT/LLM/TTS chain:
+``parse_telephony_websocket``, ``TwilioFrameSerializer``, ``FastAPIWebsocketTransport``, a
+``PipelineWorker`` run by a ``WorkerRunner``.  With ``--base-url`` the serializer keeps
+Pipecat's default ``auto_hang_up=True`` and hangs up through the daemon's Twilio-compatible
+Calls resource (``--account-sid``, ``--auth-token``: the daemon's API key); without it,
+``auto_hang_up=False`` and the bot hangs up by closing its WebSocket.  One processor stands
+in for the STT/LLM/TTS chain:
 
 * ``--mode echo``: the caller's audio goes back to the caller;
 * ``--mode tone``: when the stream starts the bot plays ``--tone-ms`` of a 440 Hz tone;
@@ -137,11 +140,20 @@ async def run_call(websocket: WebSocket, options: argparse.Namespace) -> None:
         from_number=call_data.from_number,
         body=call_data.body,
     )
-    serializer = TwilioFrameSerializer(
-        stream_sid=call_data.stream_id or "",
-        call_sid=call_id,
-        params=TwilioFrameSerializer.InputParams(auto_hang_up=False),
-    )
+    if options.base_url:
+        serializer = TwilioFrameSerializer(  # Pipecat's defaults: auto_hang_up=True
+            stream_sid=call_data.stream_id or "",
+            call_sid=call_id,
+            account_sid=options.account_sid,
+            auth_token=options.auth_token,
+            base_url=options.base_url,
+        )
+    else:
+        serializer = TwilioFrameSerializer(
+            stream_sid=call_data.stream_id or "",
+            call_sid=call_id,
+            params=TwilioFrameSerializer.InputParams(auto_hang_up=False),
+        )
     transport_options: dict[str, Any] = {}
     if options.end_silence is not None:
         transport_options["audio_out_end_silence_secs"] = options.end_silence
@@ -213,6 +225,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-ms", type=int, help="audio sent per message, ms (10 times audio_out_10ms_chunks)"
     )
+    parser.add_argument(
+        "--base-url", help="hang up through this Twilio-compatible REST API (auto_hang_up)"
+    )
+    parser.add_argument("--account-sid", default="rapida-asterisk", help="with --base-url")
+    parser.add_argument("--auth-token", help="with --base-url: the daemon's API key")
     parser.add_argument("--log-level", default="WARNING", help="Pipecat's log (stderr)")
     return parser.parse_args(argv)
 
