@@ -96,12 +96,16 @@ class MemoryContextStore:
     """The embedded default: contexts of this process only.
 
     Expired and claimed ids are remembered for ``tombstone_ttl`` seconds so that a refusal
-    can say *why* (expired, reused) rather than just "unknown".
+    can say *why* (expired, reused) rather than just "unknown".  Call records are kept for
+    their TTL, at most ``max_records`` of them (the least recently written go first).
     """
 
-    def __init__(self, clock: IReactorTime, tombstone_ttl: float = 600.0) -> None:
+    def __init__(
+        self, clock: IReactorTime, tombstone_ttl: float = 600.0, max_records: int = 10000
+    ) -> None:
         self._clock = clock
         self._tombstone_ttl = tombstone_ttl
+        self._max_records = max_records
         self._live: dict[str, tuple[CallContext, IDelayedCall]] = {}
         self._tombstones: dict[str, tuple[type[ContextError], IDelayedCall]] = {}
         self._records: dict[str, tuple[dict[str, str], IDelayedCall]] = {}
@@ -148,6 +152,8 @@ class MemoryContextStore:
         record.update(fields)
         expiry = self._clock.callLater(ttl, self._records.pop, context_id, None)
         self._records[context_id] = (record, expiry)
+        while len(self._records) > self._max_records:
+            self._records.pop(next(iter(self._records)))[1].cancel()
         return defer.succeed(None)
 
     def load_call(self, context_id: str) -> defer.Deferred[dict[str, str]]:

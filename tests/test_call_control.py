@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from rapida_tap.audiosocket.wire import Kind
 from rapida_tap.call_control import call_sid
 from rapida_tap.reasons import EndReason
+from tests.callers import call_over_chan_websocket
 from tests.fake_bot import FakeBot
 from tests.support import (
     API_KEY,
@@ -366,3 +367,21 @@ class RecordTests(CallControlTestCase):
         self.assertRegex(body["start_time"], r"^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000$")
         self.assertIsNone(body["end_time"])
         self.assertEqual(json.loads(reply.body)["rapida_context_id"], ctx)
+
+
+class ChanWebSocketTransferTests(CallControlTestCase):
+    @defer.inlineCallbacks
+    def test_a_transfer_ends_the_websocket_leg_so_dial_g_goes_on(self) -> Any:
+        bot = self.bot(greeting_frames=10)
+        daemon = self.daemon(bot)
+        caller = yield call_over_chan_websocket(daemon, ASSISTANT)
+        self.addCleanup(lambda: (caller.hang_up(), caller.closed)[1])
+        yield wait_until(lambda: bot.streams and "start" in bot.streams[-1].events())
+        reply = yield twilio(daemon.http_port, "POST", call_sid(caller.ctx), {"Twiml": DIAL})
+        self.assertEqual(reply.status, 200, reply.body)
+        yield caller.closed
+        self.assertEqual(caller.daemon_hangup(), "HANGUP then close 1000")
+        self.assertEqual(len(caller.speech()), 10)  # the bot's words were played first
+        self.assertEqual(self.ended, [(EndReason.TRANSFER, "to +4930123456")])
+        hop = yield next_hop(daemon.http_port, caller.ctx)
+        self.assertEqual(hop.body, b"PJSIP/+4930123456@trunk,20,f(+4930999)")

@@ -33,6 +33,18 @@ class MemoryRecordTests(SynchronousTestCase):
         self.clock.advance(1.1)
         self.assertEqual(self.successResultOf(self.store.load_call(cid)), {})
 
+    def test_records_are_bounded_in_number_the_least_recently_written_go_first(self) -> None:
+        store = MemoryContextStore(self.clock, max_records=3)
+        self.addCleanup(store.close)
+        ids = [new_context_id() for _ in range(4)]
+        for cid in ids[:3]:
+            store.update_call(cid, {"n": cid}, 60)
+        store.update_call(ids[0], {"again": "1"}, 60)  # now the most recent
+        store.update_call(ids[3], {"n": ids[3]}, 60)
+        kept = [cid for cid in ids if self.successResultOf(store.load_call(cid))]
+        self.assertEqual(kept, [ids[0], ids[2], ids[3]])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 3)
+
     def test_a_field_is_claimed_once_and_only_on_a_record(self) -> None:
         cid = new_context_id()
         self.assertFalse(self.successResultOf(self.store.claim_call_field(cid, "f", "1")))
