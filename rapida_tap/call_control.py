@@ -196,13 +196,13 @@ class CallControl:
         d.addBoth(done)
         return d
 
-    def _started(self, call: Call) -> None:
+    def _fields(self, call: Call) -> dict[str, str]:
+        """What the record says about a call when it starts."""
         ctx = call.context
-        policy = self.policy_of(ctx.assistant_id)
         outbound = ctx.direction == "outbound"
         fields = {
             "assistant_id": ctx.assistant_id,
-            "account_sid": policy.account_sid,
+            "account_sid": self.policy_of(ctx.assistant_id).account_sid,
             "direction": ctx.direction,
             "caller": ctx.caller,
             "from": "" if outbound else ctx.caller,
@@ -214,7 +214,10 @@ class CallControl:
         previous = ctx.variables.get("previous_context_id")
         if previous:
             fields["previous"] = previous
-        self._write(ctx.context_id, fields)
+        return fields
+
+    def _started(self, call: Call) -> None:
+        self._write(call.context_id, self._fields(call))
 
     def _ended(self, call: Call) -> None:
         self._write(
@@ -233,15 +236,26 @@ class CallControl:
         )
 
     def load(self, context_id: str) -> defer.Deferred[dict[str, str]]:
-        """The call's record; fails with ``CallNotFound`` or ``ControlUnavailable``."""
-        d = self._bridge.contexts.load_call(context_id)
+        """The call's record; fails with ``CallNotFound`` or ``ControlUnavailable``.
 
-        def found(record: dict[str, str]) -> dict[str, str]:
-            if not record:
-                raise CallNotFound(f"no call {context_id}")
-            return record
+        A call with its media on this node is answered for even when the store is down or
+        has not got its record yet, so a bot can always hang up a call of this node.
+        """
+        return defer.Deferred.fromCoroutine(self._load(context_id))
 
-        return d.addCallbacks(found, _unavailable)
+    async def _load(self, context_id: str) -> dict[str, str]:
+        call = self._bridge.calls.get(context_id)
+        try:
+            record = await self._bridge.contexts.load_call(context_id)
+        except ContextStoreUnavailable as e:
+            if call is None:
+                raise ControlUnavailable(f"the context store is unavailable: {e}") from None
+            record = {}
+        if call is not None:
+            record = {**self._fields(call), **record}
+        if not record:
+            raise CallNotFound(f"no call {context_id}")
+        return record
 
     # -- commands --------------------------------------------------------------------------
 
@@ -252,8 +266,12 @@ class CallControl:
         """
         call = self._bridge.calls.get(context_id)
         if call is not None:
+            fields = self._fields(call)
             await self._apply(call, instruction)
-            return await self.load(context_id)
+            try:
+                return await self.load(context_id)
+            except ControlUnavailable:
+                return fields  # the store is down, and the call may have ended already
         record = await self.load(context_id)
         if "started" not in record and "outbound" in record:
             await self._cancel_ringing(context_id, record, instruction)
@@ -494,12 +512,6 @@ def outbound_view(record: dict[str, str]) -> dict[str, Any]:
     view["transfer_to"] = record.get("transfer_to") or None
     view["transfer_status"] = record.get("transfer_status") or None
     return view
-
-
-def _unavailable(failure: Any) -> Any:
-    if failure.check(ContextStoreUnavailable):
-        raise ControlUnavailable(f"the context store is unavailable: {failure.getErrorMessage()}")
-    return failure
 
 
 def _encode(instruction: Instruction) -> dict[str, Any]:

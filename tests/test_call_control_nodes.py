@@ -149,6 +149,26 @@ class TwoNodeControlTests(TestCase):
         self.assertEqual((gone.status, gone.json["code"]), (404, 20404))
 
     @defer.inlineCallbacks
+    def test_with_redis_down_a_bot_still_hangs_up_its_calls_node_and_others_say_503(self) -> Any:
+        ctx = yield register(self.a.http_port, assistant=ASSISTANT)
+        client = yield self.media_on(self.a, ctx, streams=1)
+        yield self.record_shows(self.b, ctx, "in-progress")
+        yield self.redis.kill()
+        elsewhere = yield twilio(self.b.http_port, "POST", call_sid(ctx), {"Status": "completed"})
+        self.assertEqual((elsewhere.status, elsewhere.json["code"]), (503, 20503))
+        hop = yield next_hop(self.b.http_port, ctx)
+        self.assertEqual((hop.status, hop.body), (503, b""))
+        self.assertTrue(client.connected_)
+        self.assertIn(ctx, self.a.bridge.calls)
+        here = yield twilio(self.a.http_port, "POST", call_sid(ctx), {"Status": "completed"})
+        self.assertEqual((here.status, here.json.get("status")), (200, "in-progress"), here.body)
+        yield client.closed
+        self.assertEqual(
+            self.ended, [("a", EndReason.ASSISTANT_HANGUP, "hung up through the Calls API")]
+        )
+        yield self.redis.start()  # the daemons' cleanup expects it
+
+    @defer.inlineCallbacks
     def test_a_call_whose_node_is_gone_is_20404(self) -> Any:
         ctx = new_context_id()
         yield self.a.contexts.update_call(
