@@ -33,6 +33,18 @@ def test_dialplans_avoid_what_real_asterisk_rejects_or_runs_unsafely() -> None:
                 assert "from=${URIENCODE(${CALLERID(num)})}" in line, (path, line)
 
 
+def test_every_dialplan_line_belongs_to_a_context() -> None:
+    """Asterisk refuses a setting before the first [category] ("No category context")."""
+    for path in ETC.glob("extensions*.conf"):
+        category = None
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            text = line.split(";", 1)[0].strip()
+            if text.startswith("["):
+                category = text
+            elif text:
+                assert category is not None, f"{path.name}:{number}: {line!r} before any [context]"
+
+
 def test_every_dialplan_runs_the_transfer_steps_after_the_call() -> None:
     """After the media leg: ask …/next, dial it, report …/outcome, back to the bot on a new
     context id; the h extension reports a transfer the caller hung up on."""
