@@ -1,7 +1,11 @@
 """``python -m bench MODE ...``: measure the daemon (see bench/README.md).
 
 Modes: ``run`` (one load), ``max`` (largest N meeting the quality bar), ``reg`` (registrations/s
-at saturation), ``compare`` (the same load against rapida-asterisk and a peer echo server).
+at saturation), ``compare`` (the same load against rapida-asterisk and a peer echo server),
+``soak`` (rounds of calls against one daemon for a long time, watching its RSS and fds),
+``flood`` (clean calls alone and during a burst of bad AudioSocket connections) and
+``slowloris`` (registrations while slow-header connections run under a low ``ulimit -n``) and
+``drain`` (SIGTERM while calls of different lengths are live: how many were cut).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import math
 import sys
 from typing import Any
 
+from bench import edges
 from bench import server as servers
 from bench.client import AUDIOSOCKET, PATTERNS, TRANSPORTS, WSS
+from bench.drain import drain as run_drain
 from bench.load import LoadConfig, py_spy, run_load, run_registrations_load
+from bench.soak import soak as run_soak
 from bench.stats import BAR_INTERVAL_P99_MS, format_table
 
 
@@ -66,6 +73,40 @@ def parse(argv: list[str]) -> argparse.Namespace:
     reg.add_argument("--workers", type=int, default=2, help="client processes [2]")
     reg.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
     reg.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    soak = modes.add_parser("soak", help="calls for a long time: the daemon's RSS and fds")
+    soak.add_argument("-n", "--calls", type=int, default=200, help="concurrent calls [200]")
+    soak.add_argument("--minutes", type=float, default=60.0, help="length of the load [60]")
+    soak.add_argument("--round", type=float, default=60.0, help="seconds each call lasts [60]")
+    soak.add_argument("--every", type=float, default=30.0, help="seconds between samples [30]")
+    soak.add_argument("--idle", type=float, default=30.0, help="idle watch at the end, s [30]")
+    soak.add_argument("--transport", choices=TRANSPORTS, default=AUDIOSOCKET)
+    soak.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
+    soak.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    soak.add_argument(
+        "--trace", help="run the daemon with tracemalloc, snapshots in this directory"
+    )
+    fl = modes.add_parser("flood", help="clean calls alone and during bad connections")
+    fl.add_argument("-n", "--calls", type=int, default=20, help="clean calls [20]")
+    fl.add_argument("--bad", type=int, default=10000, help="bad connections [10000]")
+    fl.add_argument("--hold", type=float, default=15.0, help="measurement window, s [15]")
+    fl.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
+    fl.add_argument("--unlimited", action="store_true", help="lift the accept rate, as `run` does")
+    fl.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    sl = modes.add_parser("slowloris", help="registrations during slow-header connections")
+    sl.add_argument("--connections", type=int, default=300, help="slow connections [300]")
+    sl.add_argument("--sources", type=int, default=1, help="their client addresses [1]")
+    sl.add_argument("--nofile", type=int, default=256, help="the daemon's ulimit -n [256]")
+    sl.add_argument("--seconds", type=float, default=30.0, help="length of the attack [30]")
+    sl.add_argument("--period", type=float, default=3.0, help="s between bytes [3]")
+    sl.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    dr = modes.add_parser("drain", help="SIGTERM during live calls: how many are cut")
+    dr.add_argument("-n", "--calls", type=int, default=50, help="live calls [50]")
+    dr.add_argument("--shortest", type=float, default=5.0, help="shortest call, s [5]")
+    dr.add_argument("--longest", type=float, default=60.0, help="longest call, s [60]")
+    dr.add_argument("--sigterm-at", type=float, default=2.0, help="SIGTERM after, s [2]")
+    dr.add_argument("--second-sigterm-at", type=float, help="a second SIGTERM after, s")
+    dr.add_argument("--drain-timeout", help="the daemon's drain_timeout [its default]")
+    dr.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
     args = parser.parse_args(argv)
     if args.mode == "compare" and not args.peer:
         parser.error("compare needs --peer 'COMMAND {port}'")
@@ -163,7 +204,8 @@ def _clean(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    pinned = f"server pinned to CPU {args.core}" if args.core is not None else "server unpinned"
+    core = getattr(args, "core", None)
+    pinned = f"server pinned to CPU {core}" if core is not None else "server unpinned"
     if args.mode == "reg":
         server = servers.start_daemon(args.core)
         try:
@@ -184,6 +226,69 @@ def main(argv: list[str] | None = None) -> int:
         fit = [r for r in rows if r["registration_latency_ms"]["p99"] <= 5.0]
         best = max(fit or rows, key=lambda r: r["registrations_per_second"])
         result = {"rows": rows, "best_within_p99_5ms": best if fit else None}
+        _emit(result, args.json)
+        return 0
+    if args.mode == "flood":
+        # The daemon's own accept limits (the bench lifts them for capacity runs).
+        env = {} if args.unlimited else {"RAPIDA_ACCEPT_RATE": "200", "RAPIDA_ACCEPT_BURST": "400"}
+        result = edges.flood(args.calls, args.bad, args.hold, args.core, env)
+        print(f"{args.calls} clean calls, {args.bad} bad AudioSocket connections, {pinned}")
+        for label, r in result.items():
+            print(
+                f"  {label:6s} p99 interval error {r['p99_ms']:.2f} ms (p50 {r['p50_ms']:.2f}), "
+                f"lost {r['frames_lost']}, server {r['server_cpu_percent']:.0f}% CPU, "
+                f"{r['log_lines']} log lines, bad: {r['bad']}"
+            )
+            for name, count in sorted(r["refused"].items()):
+                print(f"         {name} {count:g}")
+        _emit(result, args.json)
+        return 0
+    if args.mode == "slowloris":
+        env = {"RAPIDA_ACCEPT_RATE": "200", "RAPIDA_ACCEPT_BURST": "400"}
+        result = edges.slowloris(
+            args.connections, args.sources, args.nofile, args.seconds, args.period, env
+        )
+        print(
+            f"{args.connections} slow-header connections from {args.sources} address(es), "
+            f"ulimit -n {args.nofile}, {args.seconds:g} s: registrations from another address "
+            f"{result['answered_200']}/{result['registrations']} answered 200 "
+            f"(statuses {result['statuses']}), p50 {result['latency_ms_p50']} ms, "
+            f"max {result['latency_ms_max']} ms"
+        )
+        print(f"  attack: {result['attack']}")
+        for name, count in sorted(result["refused"].items()):
+            print(f"  {name} {count:g}")
+        _emit(result, args.json)
+        return 0
+    if args.mode == "drain":
+        env = {"RAPIDA_DRAIN_TIMEOUT": args.drain_timeout} if args.drain_timeout else {}
+        result = run_drain(
+            args.calls, args.shortest, args.longest, args.sigterm_at, args.second_sigterm_at, env
+        )
+        print(
+            f"{result['calls']} calls of {args.shortest:g}-{args.longest:g} s, signals at "
+            f"{result['signals_at']}: {result['cut_by_daemon']} cut by the daemon "
+            f"({result['cut_with_hangup_frame']} with a hangup frame); daemon exited "
+            f"{result['daemon_exit_code']} at {result['daemon_exited_at']} s"
+        )
+        _emit(result, args.json)
+        return 0
+    if args.mode == "soak":
+        server = servers.start_daemon(args.core, tls=args.transport == WSS, trace_dir=args.trace)
+        try:
+            result = run_soak(
+                server,
+                calls=args.calls,
+                minutes=args.minutes,
+                round_seconds=args.round,
+                every=args.every,
+                idle=args.idle,
+                transport=args.transport,
+                out=sys.stdout,
+                trace_dir=args.trace,
+            )
+        finally:
+            server.stop()
         _emit(result, args.json)
         return 0
     if args.mode == "max":

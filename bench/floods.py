@@ -1,15 +1,16 @@
-"""Hostile peers beside clean calls: what a flood costs the daemon and the calls next to it.
+"""Hostile calls beside clean ones: what a flood inside a call costs the daemon and its neighbours.
 
-    python -m bench.floods dtmf|text|pings|badconn [--calls 20] [--hold 10] [--seconds 15]
+    python -m bench.floods dtmf|text|pings [--calls 20] [--hold 10] [--seconds 15]
 
 Starts the daemon, measures ``--calls`` clean paced AudioSocket calls alone, then again while
 one attacker process floods, and prints both runs' p99 interval error, the daemon's RSS growth
-and the log lines the attack caused (those naming its call, or refusals).  The attacks:
+and the log lines the attack caused (those naming its call).  The attacks:
 
 - ``dtmf``: one AudioSocket call that sends DTMF frames as fast as the socket takes them;
 - ``text``: one chan_websocket call that sends 20,000 small text messages (an unknown event);
-- ``pings``: one chan_websocket call that floods pings and never reads a byte;
-- ``badconn``: malformed AudioSocket connections (a garbage first frame) in a loop.
+- ``pings``: one chan_websocket call that floods pings and never reads a byte.
+
+Floods of bad connections are ``python -m bench flood`` (``bench/edges.py``).
 
 Only 127.0.0.1 is ever connected to, and every loop stops after ``--seconds``.
 """
@@ -30,7 +31,7 @@ from bench.client import parse_reply, registration_request
 from bench.load import LoadConfig, run_load
 from bench.server import API_KEY
 
-ATTACKS = ("dtmf", "text", "pings", "badconn")
+ATTACKS = ("dtmf", "text", "pings")
 
 
 def register(http_port: int) -> str:
@@ -100,24 +101,9 @@ def _pings(server: dict[str, int], until: float) -> tuple[str, int]:
     return ctx, sent
 
 
-def _badconn(server: dict[str, int], until: float) -> tuple[str, int]:
-    sent = 0
-    while time.monotonic() < until:
-        try:
-            with socket.create_connection(("127.0.0.1", server["as"]), timeout=2) as s:
-                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                s.recv(1)
-        except OSError:
-            pass
-        sent += 1
-    return "connection refused", sent
-
-
 def attack(kind: str, server: dict[str, int], seconds: float, out: Any) -> None:
     until = time.monotonic() + seconds
-    out.put(
-        {"dtmf": _dtmf, "text": _text, "pings": _pings, "badconn": _badconn}[kind](server, until)
-    )
+    out.put({"dtmf": _dtmf, "text": _text, "pings": _pings}[kind](server, until))
 
 
 def log_lines(server: servers.Server, marker: str, since: int) -> int:
@@ -145,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         flooder = multiprocessing.get_context("fork").Process(
             target=attack, args=(args.attack, ports, args.seconds, queue)
         )
+        flood_started = time.monotonic()
         flooder.start()
         time.sleep(1.0)  # the flood is under way before the clean calls start
         flooded = run_load(config, daemon)
         flooder.join(args.seconds + 30)
+        elapsed = time.monotonic() - flood_started
         marker, sent = queue.get(timeout=5)
         rss_peak = servers.rss_mb(daemon.pid)
         lines = log_lines(daemon, marker, log_from)
@@ -161,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         "flooded_p99_interval_ms": flooded["interval_error_ms"]["p99"],
         "clean_lost": clean["frames_lost"],
         "flooded_lost": flooded["frames_lost"],
+        "clean_underruns": clean["underruns_daemon"],
+        "flooded_underruns": flooded["underruns_daemon"],
+        "clean_client_lag_p99_ms": clean["client_send_lag_ms"]["p99"],
+        "flooded_client_lag_p99_ms": flooded["client_send_lag_ms"]["p99"],
+        "attack_seconds": round(elapsed, 2),
         "rss_mb_before": round(rss_before, 1),
         "rss_mb_after": round(rss_peak, 1),
         "log_lines_of_the_attack": lines,

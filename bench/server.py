@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -168,8 +169,32 @@ def lab_certificate(directory: Path) -> tuple[Path, Path]:
     return key_path, cert_path
 
 
+#: ``python -c`` code that runs twistd with tracemalloc on; each SIGUSR2 dumps a snapshot and
+#: the live object counts by type to ``<dir>/<n>.snapshot`` and ``<dir>/<n>.types``.
+TRACED_RUN = """
+import collections, gc, json, signal, tracemalloc
+tracemalloc.start(8)
+dumps = [0]
+def dump(signum, frame):
+    gc.collect()
+    n = dumps[0] = dumps[0] + 1
+    tracemalloc.take_snapshot().dump("%(dir)s/%%d.snapshot" %% n)
+    counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    counts["(traced bytes)"], counts["(traced peak bytes)"] = tracemalloc.get_traced_memory()
+    with open("%(dir)s/%%d.types" %% n, "w") as f:
+        json.dump(dict(counts.most_common(200)), f)
+signal.signal(signal.SIGUSR2, dump)
+from twisted.scripts.twistd import run
+run()
+"""
+
+
 def start_daemon(
-    core: int | None = None, extra_env: dict[str, str] | None = None, tls: bool = False
+    core: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    tls: bool = False,
+    nofile: int | None = None,
+    trace_dir: str | None = None,
 ) -> Server:
     """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given.
 
@@ -192,7 +217,9 @@ def start_daemon(
         *_pin(core),
         sys.executable,
         "-c",
-        "from twisted.scripts.twistd import run; run()",
+        (TRACED_RUN % {"dir": trace_dir})
+        if trace_dir
+        else "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
         "rapida-asterisk",
@@ -209,10 +236,14 @@ def start_daemon(
     env.setdefault("RAPIDA_RATE_LIMIT", "1000000000")
     env.setdefault("RAPIDA_RATE_BURST", "1000000000")
     env.setdefault("RAPIDA_MAX_CONNECTIONS", "100000")
+    env.setdefault("RAPIDA_ACCEPT_RATE", "1000000000")
+    env.setdefault("RAPIDA_ACCEPT_BURST", "1000000000")
     env.update(extra_env or {})
-    server = _spawn("rapida-asterisk", command, env, as_port, http_port, core)
+    server = _spawn("rapida-asterisk", command, env, as_port, http_port, core, nofile)
     server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir
-    _wait(server, lambda: _healthy(http_port) and _listening(ws_port))
+    # tracemalloc makes start-up several times slower
+    up = 120.0 if trace_dir else 15.0
+    _wait(server, lambda: _healthy(http_port) and _listening(ws_port), timeout=up)
     return server
 
 
@@ -234,11 +265,24 @@ def _spawn(
     as_port: int,
     http_port: int | None,
     core: int | None,
+    nofile: int | None = None,
 ) -> Server:
+    """Start ``argv``; ``nofile``: its file descriptor limit (``ulimit -n``)."""
     fd, path = tempfile.mkstemp(prefix="bench-server-", suffix=".log")
     log = os.fdopen(fd, "wb")
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     process = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+        preexec_fn=limit,
     )
     pinned = f"core {core}" if core is not None else None
     return Server(name, process, as_port, http_port, Path(path), pinned, log)

@@ -52,8 +52,15 @@ class Settings:
     # call control (docs/call-control.md): dial string templates of transfer targets
     transfer_endpoint: str = ""  # e.g. "PJSIP/{to}@my-trunk"; "" = number transfers refused
     transfer_sip_endpoint: str = ""  # e.g. "PJSIP/my-trunk/{uri}"; "" = <Sip> refused
+    # hostile peers (docs/operations.md, "Limits"): counts, seconds, bytes, per second
+    max_pending_per_address: int = 256  # connections not yet identified, per client address
+    accept_rate: float = 200.0  # new connections a second per client address, per listener...
+    accept_burst: int = 400  # ...in bursts of up to this many
+    http_max_connections: int = 10000  # per HTTP/HTTPS listener (ws:// calls included)
+    http_head_timeout: float = 10.0  # seconds for a request's whole head
+    http_max_body: int = 65536  # bytes, JSON APIs (outbound calls, admin); others take none
     # operations (docs/operations.md)
-    drain_timeout: float = 30.0  # seconds live calls may run on after SIGTERM / POST /admin/drain
+    drain_timeout: float = 0.0  # seconds live calls may run on after a drain starts; 0: no limit
     metrics: str = ""  # endpoint of its own for /metrics; "" = /metrics on the HTTP site
     api_keys_file: str = ""  # one key a line, e.g. a systemd credential: %d/api-keys
     assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -88,6 +95,12 @@ SCALARS: dict[str, type] = {
     "ring_check_interval": float,
     "transfer_endpoint": str,
     "transfer_sip_endpoint": str,
+    "max_pending_per_address": int,
+    "accept_rate": float,
+    "accept_burst": int,
+    "http_max_connections": int,
+    "http_head_timeout": float,
+    "http_max_body": int,
     "drain_timeout": float,
     "metrics": str,
     "api_keys_file": str,
@@ -213,7 +226,17 @@ def validate(s: Settings) -> None:
     if s.idle_timeout < 0:
         raise ConfigError("idle_timeout: must be 0 (off) or more seconds")
     if s.drain_timeout < 0:
-        raise ConfigError("drain_timeout: must be 0 (end calls at once) or more seconds")
+        raise ConfigError(
+            "drain_timeout: must be 0 (no limit: wait for every call) or more seconds"
+        )
+    for key in ("max_pending_per_address", "accept_burst", "http_max_connections"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    for key in ("accept_rate", "http_head_timeout"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if not 0 <= s.http_max_body <= 1024 * 1024:
+        raise ConfigError("http_max_body: must be between 0 and 1048576 bytes")
     if s.ring_check_interval < 0:
         raise ConfigError("ring_check_interval: must be 0 (off) or more seconds")
     for key in ("rate_burst", "max_connections"):

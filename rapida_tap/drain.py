@@ -1,16 +1,20 @@
-"""Drain: stop taking calls, let the live ones finish, end the rest after a deadline.
+"""Drain: stop taking calls, let the live ones finish, however long they take.
 
 A rolling restart sends SIGTERM (``systemctl restart``) or ``POST /admin/drain``.  From that
 moment the node is not ready (``/healthz`` 503, so a load balancer stops sending traffic),
 registration answers 503 and new AudioSocket / WebSocket connections are refused, while live
-calls go on.  When the last one ends, or ``timeout`` seconds have passed and the rest were
-ended with ``drain-timeout``, the drain is done.
+calls go on.  By default (``timeout`` 0) the drain waits for the last call to end, as
+Asterisk's ``core stop gracefully`` does.  With a ``timeout``, calls still live after that many
+seconds are ended with ``drain-timeout``; ``force`` (a second SIGTERM) ends them at once.
+Either way each call ends through its leg, so Asterisk gets the hangup frame or close.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -53,10 +57,12 @@ class Drain:
         return len(self._bridge.calls)
 
     @property
-    def remaining(self) -> float:
-        """Seconds until the deadline (0 when not draining)."""
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (0 when not draining, ``None`` when there is none)."""
         if self.state is not DrainState.DRAINING or self.started_at is None:
             return 0.0
+        if not self.timeout:
+            return None
         return max(0.0, self.started_at + self.timeout - self._clock.seconds())
 
     def start(self, why: str) -> defer.Deferred[None]:
@@ -75,16 +81,30 @@ class Drain:
             self.started_at = self._clock.seconds()
             self._bridge.accepting = False
             self.log.info(
-                "draining ({why}): {calls} live call(s), up to {timeout:g} s",
+                "draining ({why}): {calls} live call(s), {limit}",
                 why=why,
                 calls=len(self._bridge.calls),
-                timeout=self.timeout,
+                limit=f"up to {self.timeout:g} s" if self.timeout else "waiting for every call",
             )
-            if self._bridge.calls:
-                self._timer = self._clock.callLater(self.timeout, self._timed_out)
-            else:
+            if not self._bridge.calls:
                 self._done()
+            elif self.timeout:
+                self._timer = self._clock.callLater(self.timeout, self._timed_out)
         return waiter
+
+    def force(self, why: str) -> None:
+        """End every live call now (a second SIGTERM); starts the drain if it had not."""
+        if self.state is DrainState.SERVING:
+            self.start(why)
+        if self.state is not DrainState.DRAINING:
+            return
+        self.log.warn(
+            "drain forced ({why}): ending {calls} call(s)", why=why, calls=len(self._bridge.calls)
+        )
+        self.stop()
+        self._bridge.end_all(EndReason.SHUTDOWN)
+        if self.state is DrainState.DRAINING:
+            self._done()
 
     def stop(self) -> None:
         """Forget the timer (service stop after the drain, or a test's clean-up)."""
@@ -116,3 +136,23 @@ class Drain:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+
+def install_force_signal(drain: Drain, reactor: Any) -> Callable[[], None]:
+    """While a drain runs, SIGTERM forces it (``Drain.force``); returns the undo function.
+
+    The first SIGTERM stops the reactor, which starts the drain; the reactor ignores any
+    later SIGTERM while it waits, so without this a second one would do nothing.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        reactor.callFromThread(drain.force, "second SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+
+    def undo() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+
+    return undo

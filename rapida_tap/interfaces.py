@@ -1,8 +1,9 @@
 """The seams of the daemon: each has an in-memory implementation and at least one other.
 
-Audio crossing these interfaces is always the bridge format: PCM16 little-endian, 8 kHz, mono,
-in 20 ms frames of 320 bytes (``rapida_tap.media.audio``).  Transports convert their wire
-formats at the edge; assistants never see them.
+Audio crossing these interfaces is always the bridge format: PCM16 little-endian, mono, in
+20 ms frames, at the call's rate (``call.rate``: 320 bytes a frame at 8 kHz, 640 at 16 kHz;
+``docs/wideband.md``).  Transports convert their wire formats and rates at the edge;
+assistants never see them.
 """
 
 from __future__ import annotations
@@ -66,7 +67,12 @@ class IContextStore(Interface):
 
 
 class ICallLeg(Interface):
-    """A transport's side of one call (AudioSocket connection, chan_websocket session)."""
+    """A transport's side of one call (AudioSocket connection, chan_websocket session).
+
+    A leg may have ``sample_rate``: its wire's rate in Hz when known before the call starts
+    (chan_websocket's ``MEDIA_START``).  A leg that learns it later tells the call
+    (``Call.caller_rate_is``), and converts between its wire's rate and ``call.rate``.
+    """
 
     transport_name = Attribute("Short name for logs and metrics: 'audiosocket', 'websocket'.")
     lead_frames = Attribute(
@@ -74,7 +80,7 @@ class ICallLeg(Interface):
     )
 
     def send_audio(frame: bytes) -> bool:
-        """Write one 20 ms bridge-format frame; called by the pacer, at most once per tick.
+        """Write one 20 ms frame at the call's rate; called by the pacer, at most once per tick.
 
         False when the leg did not take it (its connection is closing): the call counts the
         frame as dropped, never as sent.
@@ -98,7 +104,11 @@ class ICallLeg(Interface):
 
 
 class IAssistant(Interface):
-    """Something a call can talk to: the echo, an upstream bot..."""
+    """Something a call can talk to: the echo, an upstream bot...
+
+    An assistant may have ``sample_rate``: the rate in Hz it speaks, at which its calls run.
+    Without one (the echo) a call runs at its caller's rate.
+    """
 
     name = Attribute("For logs: 'echo', the bot URL without credentials.")
 

@@ -187,6 +187,45 @@ class NodeCollector(Collector):
             yield CounterMetricFamily(f"rapida_pacer_{suffix}", text, value=value)
 
 
+class ListenerCollector(Collector):
+    """Connections and refusals at the node's edges, read at scrape time.
+
+    ``listeners`` maps a listener name to its ``rapida_tap.admission.AdmissionFactory``
+    (``connections``, ``refused``); ``sites`` a site name to its ``GuardedSite``
+    (``refused``: HTTP requests refused by ``rapida_tap.web.guard``).  Both are read as they
+    are when scraped, so listeners added after this collector are included.
+    """
+
+    def __init__(self, listeners: dict[str, Any], sites: dict[str, Any]) -> None:
+        self._listeners = listeners
+        self._sites = sites
+
+    def collect(self) -> Iterator[Metric]:
+        conns = GaugeMetricFamily(
+            "rapida_listener_connections", "Open connections, by listener.", labels=["listener"]
+        )
+        refused = CounterMetricFamily(
+            "rapida_listener_refused",
+            "Connections closed at accept (caps, descriptor budget, accept rate), by reason.",
+            labels=["listener", "reason"],
+        )
+        for name, admission in sorted(self._listeners.items()):
+            conns.add_metric([name], admission.connections)
+            for reason, count in sorted(admission.refused.items()):
+                refused.add_metric([name, reason], count)
+        yield conns
+        yield refused
+        http_refused = CounterMetricFamily(
+            "rapida_http_refused",
+            "HTTP requests refused before a resource ran (deadline, body size, malformed).",
+            labels=["site", "reason"],
+        )
+        for name, site in sorted(self._sites.items()):
+            for reason, count in sorted(site.refused.items()):
+                http_refused.add_metric([name, reason], count)
+        yield http_refused
+
+
 @implementer(IContextStore)
 class TimedContextStore:
     """An ``IContextStore`` that times another one: latency by operation and outcome.

@@ -12,9 +12,9 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from rapida_tap import __version__, tls
+from rapida_tap.admission import AUDIOSOCKET_ID_BYTES, AdmissionFactory, DescriptorBudget
 from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
@@ -27,7 +27,7 @@ from rapida_tap.interfaces import IContextStore
 from rapida_tap.listeners import Listener
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.listener import LegListener
-from rapida_tap.metrics import NodeCollector, NodeMetrics
+from rapida_tap.metrics import ListenerCollector, NodeCollector, NodeMetrics
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
@@ -37,6 +37,7 @@ from rapida_tap.web import twilio_calls
 from rapida_tap.web.admin import DrainResource
 from rapida_tap.web.auth import ApiKeys
 from rapida_tap.web.calls import CallsResource
+from rapida_tap.web.guard import BodyLimits, GuardedSite
 from rapida_tap.web.health import HealthResource
 from rapida_tap.web.registration import RegistrationResource
 from rapida_tap.web.site import PathTree, make_site, mount
@@ -165,44 +166,92 @@ class Daemon:
                 store_healthy=store_healthy,
             )
         )
-        self.metrics_site: Site | None = None
+        self.metrics_site: GuardedSite | None = None
         if settings.metrics:
             metrics_root = PathTree()
             mount(metrics_root, "metrics", self.metrics.resource())
-            self.metrics_site = make_site(metrics_root)
+            self.metrics_site = make_site(metrics_root, head_timeout=settings.http_head_timeout)
         else:
             mount(self.root, "metrics", self.metrics.resource())
         self.tls: tls.TlsServerContext | None = None
         if settings.https:
             self.tls_spec = tls.parse_tls_endpoint(settings.https)
             self.tls = tls.TlsServerContext(self.tls_spec)
-        self.site = make_site(self.root)
+        json_body = settings.http_max_body  # the JSON APIs; every other path takes no body
+        self.site = make_site(
+            self.root,
+            head_timeout=settings.http_head_timeout,
+            body_limits=BodyLimits(
+                {
+                    "/v1/talk/asterisk/calls": json_body,
+                    "/admin/drain": json_body,
+                    f"/{twilio_calls.PATH}": twilio_calls.MAX_FORM,
+                }
+            ),
+        )
+        self.descriptors = DescriptorBudget()
+        self.listeners: dict[str, AdmissionFactory] = {}
+        sites = {"main": self.site}
+        if self.metrics_site is not None:
+            sites["metrics"] = self.metrics_site
+        self.metrics.add(ListenerCollector(self.listeners, sites))
 
     def _drain_check(self) -> tuple[bool, str]:
         if self.drain.state is DrainState.SERVING:
             return True, ""
         if self.drain.state is DrainState.DRAINED:
             return False, "drained"
-        return False, (
-            f"draining: {len(self.bridge.calls)} call(s) left, "
-            f"{self.drain.remaining:.0f} s until they are ended"
+        left = self.drain.remaining
+        return False, f"draining: {len(self.bridge.calls)} call(s) left, " + (
+            "waiting for every call" if left is None else f"{left:.0f} s until they are ended"
         )
+
+    def admitted(
+        self, name: str, factory: Any, max_connections: int, pending_bytes: int = 0
+    ) -> Any:
+        """``factory`` behind this node's connection caps and accept rate (rapida_tap.admission)."""
+        s = self.settings
+        admission = AdmissionFactory(
+            factory,
+            name=name,
+            clock=self.reactor,
+            budget=self.descriptors,
+            max_connections=max_connections,
+            max_pending_per_address=s.max_pending_per_address,
+            accept_rate=s.accept_rate,
+            accept_burst=s.accept_burst,
+            pending_bytes=pending_bytes,
+        )
+        self.listeners[name] = admission
+        return admission
 
     def service(self) -> NodeService:
         top = NodeService(self.drain, ContextStoreService(self.contexts), self.reactor)
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)
-        if self.settings.audiosocket:
+        settings = self.settings
+        if settings.audiosocket:
+            audiosocket = self.admitted(
+                "audiosocket", self.audiosocket, settings.max_connections, AUDIOSOCKET_ID_BYTES
+            )
             Listener(
-                self.reactor, "audiosocket", self.settings.audiosocket, self.audiosocket
+                self.reactor, "audiosocket", settings.audiosocket, audiosocket
             ).setServiceParent(top)
-        if self.settings.http:
-            Listener(self.reactor, "http", self.settings.http, self.site).setServiceParent(top)
+        limit = settings.http_max_connections
+        if settings.http:
+            http = self.admitted("http", self.site, limit)
+            Listener(self.reactor, "http", settings.http, http).setServiceParent(top)
         if self.tls is not None:
-            tls.TlsListener(self.reactor, self.tls_spec, self.tls, self.site).setServiceParent(top)
+            tls.TlsListener(
+                self.reactor,
+                self.tls_spec,
+                self.tls,
+                self.site,
+                admission=lambda factory: self.admitted("https", factory, limit),
+            ).setServiceParent(top)
         if self.metrics_site is not None:
-            metrics = Listener(self.reactor, "metrics", self.settings.metrics, self.metrics_site)
-            metrics.setServiceParent(top)
+            metrics = self.admitted("metrics", self.metrics_site, limit)
+            Listener(self.reactor, "metrics", settings.metrics, metrics).setServiceParent(top)
         return top
 
 
@@ -227,7 +276,7 @@ def log_start(settings: Settings) -> None:
     log.info(
         "rapida-asterisk {version}: audiosocket={audiosocket} http={http} https={https} "
         "assistant={assistant} contexts={contexts} metrics={metrics} "
-        "drain_timeout={drain_timeout:g}s",
+        "drain_timeout={drain_timeout}",
         version=__version__,
         audiosocket=settings.audiosocket or "off",
         http=settings.http or "off",
@@ -235,7 +284,7 @@ def log_start(settings: Settings) -> None:
         assistant=parse_assistants(settings.assistants, settings.assistant, os.environ).describe(),
         contexts=settings.contexts.split("@")[-1],
         metrics=settings.metrics or "/metrics on http",
-        drain_timeout=settings.drain_timeout,
+        drain_timeout=f"{settings.drain_timeout:g}s" if settings.drain_timeout else "none",
     )
     if not settings.api_key_generated:
         return

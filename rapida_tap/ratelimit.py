@@ -66,11 +66,11 @@ class Bucket:
 
 
 class LogThrottle:
-    """At most one log line per key every ``interval`` seconds; the rest are counted.
+    """At most one log line per cause every ``interval`` seconds (sans-IO: pass the time).
 
-    ``allow`` returns None while a key is quiet-listed, else how many lines were held back
-    since the last one (so the line that does get written can say so).  Keys are few (causes,
-    not peers), so memory is bounded by the caller's choice of keys.
+    ``allow(cause, now)`` says whether to log now and returns how many lines of that cause
+    were held back since the last one (so the line can say "and N more"); ``None`` means
+    stay quiet.  Causes are few and fixed (reasons, not peers), so memory is bounded by them.
     """
 
     def __init__(self, interval: float = 5.0) -> None:
@@ -78,13 +78,15 @@ class LogThrottle:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def allow(self, key: str, now: float) -> int | None:
-        last = self._last.get(key)
+    def allow(self, cause: str, now: float) -> int | None:
+        last = self._last.get(cause)
         if last is not None and now - last < self.interval:
-            self._held[key] = self._held.get(key, 0) + 1
+            if now < last:  # the wall clock stepped back: quiet for one interval from now
+                self._last[cause] = now
+            self._held[cause] = self._held.get(cause, 0) + 1
             return None
-        self._last[key] = now
-        return self._held.pop(key, 0)
+        self._last[cause] = now
+        return self._held.pop(cause, 0)
 
 
 def held_note(held: int) -> str:

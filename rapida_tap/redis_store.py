@@ -326,9 +326,7 @@ class RedisContextStore:
         d = self._command("load", lambda r: r.hgetall(key), context_id)
 
         def decoded(reply: Any) -> dict[str, str]:
-            return {
-                _text(name): _text(value) for name, value in (reply or {}).items()
-            }
+            return {_text(name): _text(value) for name, value in (reply or {}).items()}
 
         return d.addCallback(decoded)
 

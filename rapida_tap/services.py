@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import defer
 
+from rapida_tap.drain import DrainState, install_force_signal
 from rapida_tap.listeners import one_line_exit
 from rapida_tap.reasons import EndReason
 
@@ -75,6 +77,8 @@ class NodeService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         d = self.drain.start("stopping")
+        if self.reactor is not None and self.drain.state is DrainState.DRAINING:
+            d.addBoth(_undo_after(install_force_signal(self.drain, self.reactor)))
         d.addCallback(self._drained)
         d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(self._close_store)
@@ -93,6 +97,14 @@ class NodeService(service.MultiService):
         """
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
+
+
+def _undo_after(undo: Callable[[], None]) -> Callable[[Any], Any]:
+    def run(result: Any) -> Any:
+        undo()
+        return result
+
+    return run
 
 
 class OutboundService(service.Service):

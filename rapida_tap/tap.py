@@ -60,7 +60,8 @@ class Options(usage.Options):
             "drain-timeout",
             None,
             None,
-            "Seconds live calls may go on after SIGTERM or POST /admin/drain [default: 30].",
+            "Seconds live calls may go on after SIGTERM or POST /admin/drain; 0 waits for"
+            " every call [default: 0]. A second SIGTERM ends them at once.",
         ],
         [
             "metrics",

@@ -27,6 +27,7 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from rapida_tap.config import ConfigError
@@ -268,12 +269,18 @@ class TlsListener(service.Service):
     """The ``--https`` listener of a Twisted ``factory``, reloading its certificate on SIGHUP."""
 
     def __init__(
-        self, reactor: Any, spec: TlsSpec, context: TlsServerContext, factory: Any
+        self,
+        reactor: Any,
+        spec: TlsSpec,
+        context: TlsServerContext,
+        factory: Any,
+        admission: Callable[[Any], Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.spec = spec
         self.context = context
         self.factory = factory
+        self.admission = admission
         self.port: Any = None
         self._undo: Callable[[], None] | None = None
 
@@ -289,7 +296,18 @@ class TlsListener(service.Service):
         self._undo = install_reload_signal(self.context.reload, self.reactor)
 
     def _listen(self) -> None:
-        d = tls_server_endpoint(self.reactor, self.spec, self.context).listen(self.factory)
+        if self.admission is None:
+            d = tls_server_endpoint(self.reactor, self.spec, self.context).listen(self.factory)
+        else:
+            # Admission wraps TLS, not the other way round: a refused connection is closed at
+            # accept time, before a TLS object or a handshake is spent on it.
+            tls_factory = TLSMemoryBIOFactory(self.context, False, self.factory)
+            d = endpoints.TCP4ServerEndpoint(
+                self.reactor,
+                self.spec.port,
+                backlog=self.spec.backlog,
+                interface=self.spec.interface,
+            ).listen(self.admission(tls_factory))
         failed: list[Any] = []
 
         def listening(port: Any) -> None:

@@ -314,12 +314,20 @@ def status_of(head: bytes) -> int:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
-def media_start_json(ctx: str | None, channel_id: str = "1795499200.6", **variables: str) -> str:
-    """A MEDIA_START as chan_websocket sends it with ``f(json)`` (fields from the capture)."""
+def media_start_json(
+    ctx: str | None,
+    channel_id: str = "1795499200.6",
+    *,
+    fmt: str = "ulaw",
+    frame_size: int = 160,
+    **variables: str,
+) -> str:
+    """A MEDIA_START as chan_websocket sends it with ``f(json)`` (fields from the capture);
+    ``fmt`` and ``frame_size`` as Asterisk names them for ``c(fmt)`` (``slin16``: 640)."""
     chan_vars = {
-        "DIALEDPEERNUMBER": f"rapida/c(ulaw)f(json)v(ctx={ctx})",
+        "DIALEDPEERNUMBER": f"rapida/c({fmt})f(json)v(ctx={ctx})",
         "MEDIA_WEBSOCKET_CONNECTION_ID": "rapida",
-        "MEDIA_WEBSOCKET_OPTIMAL_FRAME_SIZE": "160",
+        "MEDIA_WEBSOCKET_OPTIMAL_FRAME_SIZE": str(frame_size),
     }
     if ctx is not None:
         chan_vars["__RAPIDA_CONTEXT_ID"] = ctx
@@ -330,8 +338,8 @@ def media_start_json(ctx: str | None, channel_id: str = "1795499200.6", **variab
             "connection_id": "rapida",
             "channel": "WebSocket/rapida/0x5627c0ecf400",
             "channel_id": channel_id,
-            "format": "ulaw",
-            "optimal_frame_size": 160,
+            "format": fmt,
+            "optimal_frame_size": frame_size,
             "ptime": 20,
             "channel_variables": chan_vars,
         },

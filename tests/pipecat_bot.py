@@ -1,12 +1,14 @@
 """A real Pipecat 1.x telephony bot with no AI services, for the tests and the bench.
 
-Written as a Pipecat user writes a Twilio bot: a FastAPI WebSocket route,
-``parse_telephony_websocket``, ``TwilioFrameSerializer``, ``FastAPIWebsocketTransport``, a
-``PipelineWorker`` run by a ``WorkerRunner``.  With ``--base-url`` the serializer keeps
-Pipecat's default ``auto_hang_up=True`` and hangs up through the daemon's Twilio-compatible
-Calls resource (``--account-sid``, ``--auth-token``: the daemon's API key); without it,
-``auto_hang_up=False`` and the bot hangs up by closing its WebSocket.  One processor stands
-in for the STT/LLM/TTS chain:
+Written as a Pipecat user writes a telephony bot: a FastAPI WebSocket route,
+``parse_telephony_websocket``, the serializer of ``--dialect`` (Twilio by default; Telnyx,
+Plivo or Exotel, each as Pipecat's examples build it, ``auto_hang_up=False``),
+``FastAPIWebsocketTransport``, a ``PipelineWorker`` run by a ``WorkerRunner``.  With
+``--base-url`` the Twilio serializer keeps Pipecat's default ``auto_hang_up=True`` and hangs up
+through the daemon's Twilio-compatible Calls resource (``--account-sid``, ``--auth-token``: the
+daemon's API key).  The pipeline runs at ``--rate`` (8 kHz by default); the Exotel serializer
+carries PCM16 at that rate too, so ``--dialect exotel --rate 16000`` is a wideband bot.
+One processor stands in for the STT/LLM/TTS chain:
 
 * ``--mode echo``: the caller's audio goes back to the caller;
 * ``--mode tone``: when the stream starts the bot plays ``--tone-ms`` of a 440 Hz tone;
@@ -48,13 +50,17 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.runner.utils import parse_telephony_websocket
+from pipecat.serializers.base_serializer import FrameSerializer
+from pipecat.serializers.exotel import ExotelFrameSerializer
+from pipecat.serializers.plivo import PlivoFrameSerializer
+from pipecat.serializers.telnyx import TelnyxFrameSerializer
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 from pipecat.workers.runner import WorkerRunner
 
-RATE = 8000  # Twilio Media Streams audio: μ-law 8 kHz; the pipeline runs at the same rate
-FRAME_SAMPLES = RATE // 50  # 20 ms
+RATE = 8000  # Twilio Media Streams audio: μ-law 8 kHz; the pipeline's default rate
 MODES = ("echo", "tone", "hangup-after")
+DIALECTS = ("twilio", "telnyx", "plivo", "exotel")
 
 
 def report(event: str, **fields: Any) -> None:
@@ -62,21 +68,63 @@ def report(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-def tone_pcm(ms: int, hz: float = 440.0, amplitude: int = 8000) -> bytes:
-    """``ms`` milliseconds of a sine, PCM16 LE at 8 kHz (the tests' ``support.tone`` shape)."""
-    n = RATE * ms // 1000
+def tone_pcm(ms: int, rate: int = RATE, hz: float = 440.0, amplitude: int = 8000) -> bytes:
+    """``ms`` milliseconds of a sine, PCM16 LE at ``rate`` (the tests' ``support.tone`` shape)."""
+    n = rate * ms // 1000
     return struct.pack(
-        f"<{n}h", *(int(amplitude * math.sin(2 * math.pi * hz * i / RATE)) for i in range(n))
+        f"<{n}h", *(int(amplitude * math.sin(2 * math.pi * hz * i / rate)) for i in range(n))
     )
 
 
-def tone_frames(ms: int) -> list[OutputAudioRawFrame]:
-    pcm = tone_pcm(ms)
-    step = FRAME_SAMPLES * 2
+def tone_frames(ms: int, rate: int = RATE) -> list[OutputAudioRawFrame]:
+    pcm = tone_pcm(ms, rate)
+    step = rate // 50 * 2  # 20 ms
     return [
-        OutputAudioRawFrame(audio=pcm[i : i + step], sample_rate=RATE, num_channels=1)
+        OutputAudioRawFrame(audio=pcm[i : i + step], sample_rate=rate, num_channels=1)
         for i in range(0, len(pcm), step)
     ]
+
+
+def serializer_for(
+    dialect: str, call_data: Any, rate: int, options: argparse.Namespace
+) -> FrameSerializer:
+    """The serializer of ``dialect``, built from what ``parse_telephony_websocket`` found."""
+    stream_id = call_data.stream_id or ""
+    call_id = call_data.call_id or ""
+    if dialect == "twilio" and options.base_url:
+        return TwilioFrameSerializer(  # Pipecat's defaults: auto_hang_up=True
+            stream_sid=stream_id,
+            call_sid=call_id,
+            account_sid=options.account_sid,
+            auth_token=options.auth_token,
+            base_url=options.base_url,
+        )
+    if dialect == "telnyx":
+        encoding = call_data.outbound_encoding or "PCMU"
+        return TelnyxFrameSerializer(
+            stream_id=stream_id,
+            outbound_encoding=encoding,
+            inbound_encoding=encoding,
+            call_control_id=call_id,
+            params=TelnyxFrameSerializer.InputParams(auto_hang_up=False),
+        )
+    if dialect == "plivo":
+        return PlivoFrameSerializer(
+            stream_id=stream_id,
+            call_id=call_id,
+            params=PlivoFrameSerializer.InputParams(auto_hang_up=False),
+        )
+    if dialect == "exotel":
+        return ExotelFrameSerializer(
+            stream_sid=stream_id,
+            call_sid=call_id,
+            params=ExotelFrameSerializer.InputParams(exotel_sample_rate=rate),
+        )
+    return TwilioFrameSerializer(
+        stream_sid=stream_id,
+        call_sid=call_id,
+        params=TwilioFrameSerializer.InputParams(auto_hang_up=False),
+    )
 
 
 class ScriptedBrain(FrameProcessor):
@@ -123,13 +171,13 @@ class ScriptedBrain(FrameProcessor):
         """Say goodbye, then end the pipeline after it: Pipecat's graceful hang-up."""
         self.ending = True
         report("hangup", call=self.call_id, why=why)
-        for goodbye in tone_frames(self.options.goodbye_ms):
+        for goodbye in tone_frames(self.options.goodbye_ms, self.options.rate):
             await self.push_frame(goodbye)
         await self.push_frame(EndWorkerFrame(reason=why))
 
 
 async def run_call(websocket: WebSocket, options: argparse.Namespace) -> None:
-    """One call, as Pipecat's Twilio examples run it."""
+    """One call, as Pipecat's telephony examples run it."""
     transport_type, call_data = await parse_telephony_websocket(websocket)
     call_id = call_data.call_id or ""
     report(
@@ -140,20 +188,7 @@ async def run_call(websocket: WebSocket, options: argparse.Namespace) -> None:
         from_number=call_data.from_number,
         body=call_data.body,
     )
-    if options.base_url:
-        serializer = TwilioFrameSerializer(  # Pipecat's defaults: auto_hang_up=True
-            stream_sid=call_data.stream_id or "",
-            call_sid=call_id,
-            account_sid=options.account_sid,
-            auth_token=options.auth_token,
-            base_url=options.base_url,
-        )
-    else:
-        serializer = TwilioFrameSerializer(
-            stream_sid=call_data.stream_id or "",
-            call_sid=call_id,
-            params=TwilioFrameSerializer.InputParams(auto_hang_up=False),
-        )
+    serializer = serializer_for(options.dialect, call_data, options.rate, options)
     transport_options: dict[str, Any] = {}
     if options.end_silence is not None:
         transport_options["audio_out_end_silence_secs"] = options.end_silence
@@ -173,14 +208,16 @@ async def run_call(websocket: WebSocket, options: argparse.Namespace) -> None:
     pipeline = Pipeline([transport.input(), brain, transport.output()])
     worker = PipelineWorker(
         pipeline,
-        params=PipelineParams(audio_in_sample_rate=RATE, audio_out_sample_rate=RATE),
+        params=PipelineParams(
+            audio_in_sample_rate=options.rate, audio_out_sample_rate=options.rate
+        ),
     )
 
     @transport.event_handler("on_client_connected")
     async def on_client_connected(_transport: Any, _websocket: Any) -> None:
         report("ready", call=call_id)
         if options.mode == "tone":
-            await worker.queue_frames(tone_frames(options.tone_ms))
+            await worker.queue_frames(tone_frames(options.tone_ms, options.rate))
 
     @transport.event_handler("on_client_disconnected")
     async def on_client_disconnected(_transport: Any, _websocket: Any) -> None:
@@ -212,6 +249,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any)")
     parser.add_argument("--mode", choices=MODES, default="echo")
+    parser.add_argument("--dialect", choices=DIALECTS, default="twilio", help="its serializer")
+    parser.add_argument("--rate", type=int, default=RATE, help="the pipeline's sample rate")
     parser.add_argument("--tone-ms", type=int, default=1000, help="tone mode: its length")
     parser.add_argument(
         "--after-frames", type=int, default=25, help="hangup-after: caller frames first"

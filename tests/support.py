@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
+from rapida_tap.admission import AUDIOSOCKET_ID_BYTES
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, Kind, encode_frame
 from rapida_tap.config import Settings
 from rapida_tap.interfaces import IAssistant, IAssistantSession
@@ -29,8 +30,13 @@ def start_daemon(testcase: Any, **overrides: Any) -> Daemon:
     daemon = Daemon(settings, reactor)
     store = ContextStoreService(daemon.contexts)
     store.startService()  # connects a Redis store
-    as_port: IListeningPort = reactor.listenTCP(0, daemon.audiosocket, interface="127.0.0.1")
-    http_port: IListeningPort = reactor.listenTCP(0, daemon.site, interface="127.0.0.1")
+    # Behind the same admission caps as the daemon's own listeners (rapida_tap.admission).
+    audiosocket = daemon.admitted(
+        "audiosocket", daemon.audiosocket, settings.max_connections, AUDIOSOCKET_ID_BYTES
+    )
+    http = daemon.admitted("http", daemon.site, settings.http_max_connections)
+    as_port: IListeningPort = reactor.listenTCP(0, audiosocket, interface="127.0.0.1")
+    http_port: IListeningPort = reactor.listenTCP(0, http, interface="127.0.0.1")
     daemon.as_port = as_port.getHost().port  # type: ignore[attr-defined]
     daemon.http_port = http_port.getHost().port  # type: ignore[attr-defined]
 
@@ -284,12 +290,14 @@ class RecordingSession:
 
 @implementer(IAssistant)
 class RecordingAssistant:
-    """Connects every call to a new ``RecordingSession`` (kept in ``sessions``)."""
+    """Connects every call to a new ``RecordingSession`` (kept in ``sessions``); with
+    ``sample_rate``, its calls run at that rate, as a bot's do."""
 
     name = "recorder"
 
-    def __init__(self) -> None:
+    def __init__(self, sample_rate: int | None = None) -> None:
         self.sessions: list[RecordingSession] = []
+        self.sample_rate = sample_rate
 
     def connect(self, call: Any) -> defer.Deferred[IAssistantSession]:
         session = RecordingSession(call)

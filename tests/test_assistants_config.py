@@ -143,7 +143,42 @@ BAD = [
     ({"a": {"url": URL, "transfer_sip_endpoint": "PJSIP/{to}"}}, r"transfer_sip_endpoint: .*{to}"),
     ({"a": {"url": URL, "transfer_fallback": "yes"}}, r"transfer_fallback: must be true or false"),
     ({"default": {"url": "ftp://x"}}, r"^assistants\.default\.url:"),
+    ({"a": {"url": URL, "protocol": "vonage"}}, r"^assistants\.a\.protocol: 'vonage' is not one"),
+    ({"a": {"url": URL, "protocol": 5}}, r"^assistants\.a\.protocol: '5' is not one of 'twilio'"),
+    (
+        {"a": {"url": URL, "sample_rate": 16000}},
+        r"^assistants\.a: protocol 'twilio' carries mulaw/8000, not 16000 \(set encoding",
+    ),
+    (
+        {"a": {"url": URL, "protocol": "plivo", "encoding": "alaw"}},
+        r"^assistants\.a: protocol 'plivo' carries mulaw/8000, l16/16000, l16/8000, not alaw",
+    ),
+    (
+        {"a": {"url": URL, "protocol": "exotel", "encoding": "l16", "sample_rate": 48000}},
+        r"protocol 'exotel' carries l16/8000, l16/16000, l16/24000, not l16/48000",
+    ),
+    ({"a": {"url": URL, "encoding": 1}}, r"^assistants\.a\.encoding: 'mulaw', 'alaw' or 'l16'"),
+    ({"a": {"url": URL, "sample_rate": "16k"}}, r"^assistants\.a\.sample_rate: a whole number"),
+    ({"a": {"url": URL, "sample_rate": True}}, r"^assistants\.a\.sample_rate: a whole number"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("options", "protocol", "label"),
+    [
+        ({}, "twilio", "mulaw/8000"),
+        ({"protocol": "telnyx"}, "telnyx", "mulaw/8000"),
+        ({"protocol": "telnyx", "encoding": "L16"}, "telnyx", "l16/16000"),
+        ({"protocol": "plivo", "sample_rate": 16000}, "plivo", "l16/16000"),
+        ({"protocol": "exotel"}, "exotel", "l16/8000"),
+        ({"protocol": "exotel", "sample_rate": 24000}, "exotel", "l16/24000"),
+    ],
+)
+def test_protocol_and_audio(options: dict[str, Any], protocol: str, label: str) -> None:
+    spec = parse({"a": {"url": URL, **options}}).by_id["a"]
+    assert (spec.protocol, spec.audio.label) == (protocol, label)
+    assistant = UpstreamAssistant(spec, task.Clock())
+    assert assistant.sample_rate == spec.audio.rate
 
 
 @pytest.mark.parametrize(("table", "error"), BAD)

@@ -278,27 +278,3 @@ class HealthTests(unittest.TestCase):
         reply = yield raw_http(self.daemon.http_port, head)
         self.assertEqual(reply.status, 200)
         self.assertEqual(reply.body, b"")
-
-
-# --- request bodies are bounded where they enter -------------------------------------------
-
-
-def test_a_request_keeps_at_most_max_body_bytes_of_its_body() -> None:
-    from twisted.web.test.requesthelper import DummyChannel
-
-    from rapida_tap.web.site import QuietRequest, body_too_large
-
-    request = QuietRequest(DummyChannel())
-    request.gotLength(None)  # chunked: no length announced
-    for _ in range(40):
-        request.handleContentChunk(b"x" * 4096)  # 160 KiB arrive
-    assert request.body_received == 40 * 4096
-    request.content.seek(0)
-    assert len(request.content.read()) == QuietRequest.MAX_BODY  # 64 KiB kept
-    assert body_too_large(request, QuietRequest.MAX_BODY)
-    small = QuietRequest(DummyChannel())
-    small.gotLength(10)
-    small.handleContentChunk(b"Status=com")
-    small.content.seek(0)
-    assert small.content.read() == b"Status=com"
-    assert not body_too_large(small, 16)

@@ -535,3 +535,62 @@ def test_registration_mode_reports_rate_and_latency(tmp_path: Path) -> None:
         assert r["registrations_per_second"] > 0
         assert set(r["registration_latency_ms"]) == {"p50", "p99", "max"}
     assert "reg/s" in stdout
+
+
+# -- the hostile-peer, drain and soak modes, tiny ------------------------------------------------
+
+
+def test_flood_mode_measures_clean_calls_alone_and_during_bad_connections(
+    tmp_path: Path,
+) -> None:
+    stdout, result = _bench(
+        tmp_path, "flood", "-n", "2", "--bad", "300", "--hold", "1", "--core", "none"
+    )
+    assert isinstance(result, dict)
+    assert set(result) == {"alone", "flood"}
+    assert result["alone"]["bad"] is None
+    assert result["flood"]["bad"]["opened"] == 300
+    assert all(r["frames_lost"] == 0 and r["calls_failed"] == 0 for r in result.values())
+    refused = result["flood"]["refused"]
+    assert any("audiosocket" in name for name in refused), refused  # counted by the daemon
+    assert "p99 interval error" in stdout
+
+
+def test_slowloris_mode_reports_registrations_during_the_attack(tmp_path: Path) -> None:
+    stdout, result = _bench(
+        tmp_path, "slowloris", "--connections", "20", "--nofile", "128", "--seconds", "3"
+    )
+    assert isinstance(result, dict)
+    assert result["registrations"] > 0
+    assert result["answered_200"] == result["registrations"]
+    assert result["attack"]["opened"] >= 20
+    assert "registrations from another address" in stdout
+
+
+def test_drain_mode_counts_calls_cut(tmp_path: Path) -> None:
+    stdout, result = _bench(
+        tmp_path,
+        *("drain", "-n", "3", "--shortest", "1", "--longest", "3", "--sigterm-at", "0.5"),
+        *("--second-sigterm-at", "2"),
+    )
+    assert isinstance(result, dict)
+    assert result["calls"] == 3
+    assert result["cut_by_daemon"] == 1  # the 3 s call, by the second SIGTERM
+    assert result["cut_with_hangup_frame"] == 1
+    assert result["daemon_exit_code"] == 0
+    assert result["every_call_echoed"] is True
+    assert "cut by the daemon" in stdout
+
+
+def test_soak_mode_prints_rss_and_fds_and_a_summary(tmp_path: Path) -> None:
+    stdout, result = _bench(
+        tmp_path,
+        *("soak", "-n", "2", "--minutes", "0.05", "--round", "1", "--every", "1"),
+        *("--idle", "1", "--core", "none"),
+    )
+    assert isinstance(result, dict)
+    assert result["rounds"] >= 1
+    assert result["calls_failed"] == 0 and result["frames_lost"] == 0
+    for key in ("rss_warm_idle_mb", "rss_idle_end_mb", "fds_idle_start", "fds_idle_end"):
+        assert result[key] > 0, key
+    assert "idle-end" in stdout and "RSS idle at end" in stdout

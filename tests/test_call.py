@@ -24,14 +24,15 @@ from tests.support import RecordingSession
 class FakeLeg:
     transport_name = "fake"
 
-    def __init__(self, lead_frames: int = 0) -> None:
+    def __init__(self, lead_frames: int = 0, frame_bytes: int = FRAME_BYTES) -> None:
         self.lead_frames = lead_frames
+        self.frame_bytes = frame_bytes
         self.out: list[bytes] = []
         self.events: list[tuple[str, str]] = []
         self.call: Call | None = None
 
     def send_audio(self, frame: bytes) -> bool:
-        assert len(frame) == FRAME_BYTES
+        assert len(frame) == self.frame_bytes
         self.out.append(frame)
         return True
 
@@ -246,6 +247,46 @@ class CallTests(SynchronousTestCase):
         call.end(reasons.CALLER_HANGUP)
         self.assertTrue(call.is_ended)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class CallRateTests(SynchronousTestCase):
+    """A call's rate: its assistant's, else settled by the caller's first word."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(self.clock)
+
+    def make_call(self, rate: int | None = None) -> tuple[Call, FakeLeg]:
+        leg = FakeLeg(frame_bytes=(rate or 8000) // 25)
+        context = CallContext(new_context_id(), "a", "+49")
+        call = Call(context, leg, clock=self.clock, pacer=self.pacer, rate=rate)  # type: ignore[arg-type]
+        return call, leg
+
+    def test_a_16khz_call_plays_640_byte_frames(self) -> None:
+        call, leg = self.make_call(16000)
+        call.play(bytes(range(256)) * 5)  # 1280 bytes: two frames at 16 kHz
+        self.clock.advance(0.02)
+        self.clock.advance(0.02)
+        self.assertEqual(b"".join(leg.out), bytes(range(256)) * 5)
+        self.assertEqual([len(f) for f in leg.out], [640, 640])
+        self.assertEqual((call.rate, call.frame_bytes, call.assistant_rate), (16000, 640, 16000))
+
+    def test_the_first_word_settles_a_call_without_an_assistant_rate(self) -> None:
+        call, _leg = self.make_call()
+        self.assertEqual(call.caller_rate_is(16000), 16000)
+        self.assertEqual((call.rate, call.frame_bytes, call.assistant_rate), (16000, 640, 16000))
+        self.assertEqual(call.caller_rate_is(8000), 16000)  # settled: the leg converts
+        self.assertEqual(call.caller_rate, 8000)
+
+    def test_the_assistant_rate_wins_over_the_callers(self) -> None:
+        call, _leg = self.make_call(8000)
+        self.assertEqual(call.caller_rate_is(48000), 8000)
+        self.assertEqual((call.caller_rate, call.rate), (48000, 8000))
+
+    def test_audio_played_first_settles_the_rate(self) -> None:
+        call, _leg = self.make_call()
+        call.play(bytes(320))
+        self.assertEqual(call.caller_rate_is(16000), 8000)
 
 
 class BridgeTests(SynchronousTestCase):

@@ -20,7 +20,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     settings = Settings()
-    assert (settings.drain_timeout, settings.metrics, settings.api_keys_file) == (30.0, "", "")
+    assert (settings.drain_timeout, settings.metrics, settings.api_keys_file) == (0.0, "", "")
 
 
 def test_api_keys_file_one_a_line_with_comments(tmp_path: Path) -> None:
@@ -63,6 +63,13 @@ def test_bad_api_keys_file(tmp_path: Path, content: str | bytes | None, message:
     [
         ({"drain_timeout": -1}, "drain_timeout: must be 0"),
         ({"drain_timeout": "soon"}, "drain_timeout: 'soon' is not a finite number"),
+        ({"max_pending_per_address": 0}, "max_pending_per_address: must be at least 1"),
+        ({"accept_rate": 0}, "accept_rate: must be greater than 0"),
+        ({"accept_burst": 0}, "accept_burst: must be at least 1"),
+        ({"http_max_connections": 0}, "http_max_connections: must be at least 1"),
+        ({"http_head_timeout": -1}, "http_head_timeout: must be greater than 0"),
+        ({"http_max_body": 2 * 1024 * 1024}, "http_max_body: must be between 0 and 1048576"),
+        ({"http_max_body": 1.5}, "http_max_body: 1.5 is not a whole number"),
         ({"contexts": "rediss://h:6379/0"}, "--contexts: Redis URL must start with redis://"),
         ({"contexts": "redis://h:6379/x"}, "--contexts: Redis database must be a number"),
     ],
@@ -70,6 +77,28 @@ def test_bad_api_keys_file(tmp_path: Path, content: str | bytes | None, message:
 def test_bad_values(values: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_settings(values, {}, {}, [])
+
+
+def test_limits_defaults_and_environment() -> None:
+    settings = build_settings({}, {}, {}, [])
+    assert (settings.max_pending_per_address, settings.accept_rate, settings.accept_burst) == (
+        256,
+        200.0,
+        400,
+    )
+    assert (settings.http_max_connections, settings.http_head_timeout) == (10000, 10.0)
+    assert settings.http_max_body == 65536
+    env = {
+        "RAPIDA_HTTP_HEAD_TIMEOUT": "2.5",
+        "RAPIDA_ACCEPT_RATE": "50",
+        "RAPIDA_HTTP_MAX_BODY": "0",
+    }
+    settings = build_settings({}, env, {}, [])
+    assert (settings.http_head_timeout, settings.accept_rate, settings.http_max_body) == (
+        2.5,
+        50.0,
+        0,
+    )
 
 
 def test_options(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -103,14 +105,53 @@ class DrainClockTests(SynchronousTestCase):
         self.assertIn("drain timeout (30 s): ending 1 call(s)", logs.text())
         self.assertIn("draining (test): 1 live call(s), up to 30 s", logs.text())
 
-    def test_zero_timeout_ends_calls_on_the_next_turn(self) -> None:
+    def test_no_timeout_waits_for_every_call_however_long(self) -> None:
+        logs = capture_logs(self)
         drain = Drain(self.bridge, self.clock, timeout=0)
-        call, _ = self.open_call()
+        calls = [self.open_call()[0] for _ in range(3)]
         done = drain.start("test")
+        self.assertNotIn(drain._timed_out, [c.func for c in self.clock.getDelayedCalls()])
+        self.assertIsNone(drain.remaining)
+        for call in calls[:2]:
+            self.clock.advance(4 * 3600)  # hours: nothing ends a call but its own end
+            self.assertNoResult(done)
+            self.assertNoResult(calls[2].when_ended())
+            call.end(reasons.CALLER_HANGUP)
         self.assertNoResult(done)
-        self.clock.advance(0)
+        calls[2].end(reasons.CALLER_HANGUP)
         self.successResultOf(done)
-        self.assertEqual(self.successResultOf(call.when_ended()), DRAIN_TIMEOUT)
+        self.assertEqual(self.bridge.ended_by_reason, {reasons.CALLER_HANGUP: 3})
+        self.assertIn("draining (test): 3 live call(s), waiting for every call", logs.text())
+
+    def test_force_ends_the_rest_with_their_hangup(self) -> None:
+        drain = Drain(self.bridge, self.clock, timeout=0)
+        (first, first_leg), (second, second_leg) = self.open_call(), self.open_call()
+        done = drain.start("SIGTERM")
+        first.end(reasons.CALLER_HANGUP)
+        drain.force("second SIGTERM")
+        self.successResultOf(done)
+        self.assertIs(drain.state, DrainState.DRAINED)
+        self.assertEqual(self.successResultOf(second.when_ended()), reasons.SHUTDOWN)
+        self.assertIn(("hangup", reasons.SHUTDOWN), second_leg.events)
+        self.assertNotIn(("hangup", reasons.SHUTDOWN), first_leg.events)
+        drain.force("third SIGTERM")  # nothing left: no error
+        self.assertEqual(self.bridge.ended_by_reason.get(reasons.SHUTDOWN), 1)
+
+    def test_force_cancels_a_configured_deadline(self) -> None:
+        call, _ = self.open_call()
+        done = self.drain.start("SIGTERM")
+        self.clock.advance(5)
+        self.drain.force("second SIGTERM")
+        self.successResultOf(done)
+        self.assertEqual(self.successResultOf(call.when_ended()), reasons.SHUTDOWN)
+        self.assertNotIn(self.drain._timed_out, [c.func for c in self.clock.getDelayedCalls()])
+
+    def test_force_before_any_drain_starts_one_and_ends_the_calls(self) -> None:
+        call, _ = self.open_call()
+        self.drain.force("SIGTERM twice at once")
+        self.assertIs(self.drain.state, DrainState.DRAINED)
+        self.assertFalse(self.bridge.accepting)
+        self.assertEqual(self.successResultOf(call.when_ended()), reasons.SHUTDOWN)
 
 
 # --- real connections ---------------------------------------------------------------------------
@@ -225,6 +266,22 @@ class DrainIntegrationTests(TestCase):
         self.assertEqual(stopped, [True])  # once, however many POSTs
 
 
+def listening_ports(top: Any) -> tuple[int, int]:
+    """The AudioSocket and HTTP ports of a started node service."""
+    ports: dict[type, int] = {}
+    for child in top:
+        if isinstance(child, StreamServerEndpointService):
+
+            def found(port: Any, kind: type) -> Any:
+                ports[kind] = port.getHost().port
+                return port  # the service stops it later
+
+            child._waitingForPort.addCallback(found, type(child.factory.wrapped))
+    as_port = ports.pop(AudioSocketFactory)
+    (http_port,) = ports.values()
+    return as_port, http_port
+
+
 class NodeServiceStopTests(TestCase):
     """What twistd does on SIGTERM: ``stopService`` of the node, waited for by the reactor."""
 
@@ -240,17 +297,7 @@ class NodeServiceStopTests(TestCase):
         top = daemon.service()
         top.startService()
         self.addCleanup(lambda: top.stopService() if top.running else None)
-        ports: dict[type, int] = {}
-        for child in top:
-            if isinstance(child, StreamServerEndpointService):
-
-                def found(port: Any, kind: type) -> Any:
-                    ports[kind] = port.getHost().port
-                    return port  # the service stops it later
-
-                child._waitingForPort.addCallback(found, type(child.factory))
-        as_port = ports.pop(AudioSocketFactory)
-        (http_port,) = ports.values()
+        as_port, http_port = listening_ports(top)
 
         ctx = yield register(http_port)
         client = FakeAsterisk(ctx)
@@ -270,3 +317,42 @@ class NodeServiceStopTests(TestCase):
         self.assertEqual(daemon.bridge.ended_by_reason, {reasons.CALLER_HANGUP: 1})
         with self.assertRaises(error.ConnectionRefusedError):  # the HTTP listener is closed now
             yield get(http_port, "/healthz", key=None)
+
+    @defer.inlineCallbacks
+    def test_by_default_the_drain_waits_and_a_second_sigterm_ends_calls_with_a_hangup(
+        self,
+    ) -> Any:
+        local = "tcp:0:interface=127.0.0.1"
+        daemon = Daemon(Settings(api_keys=[API_KEY], audiosocket=local, http=local), reactor)
+        self.assertEqual(daemon.drain.timeout, 0)  # the default: no time limit
+        top = daemon.service()
+        top.startService()
+        self.addCleanup(lambda: top.stopService() if top.running else None)
+        as_port, http_port = listening_ports(top)
+        clients = []
+        for _ in range(3):
+            ctx = yield register(http_port)
+            client = FakeAsterisk(ctx)
+            yield connect_audiosocket(as_port, client)
+            clients.append(client)
+        yield wait_until(lambda: len(daemon.bridge.calls) == 3)
+
+        before = signal.getsignal(signal.SIGTERM)
+        stopped = top.stopService()  # what twistd does on the first SIGTERM
+        self.assertIsNot(signal.getsignal(signal.SIGTERM), before)
+        clients[0].transport.loseConnection()  # one caller hangs up by itself
+        yield wait_until(lambda: len(daemon.bridge.calls) == 2)
+        for client in clients[1:]:
+            client.received.clear()
+        yield wait_until(lambda: all(len(c.received) >= 5 for c in clients[1:]))
+        self.assertFalse(stopped.called)  # no deadline: the others go on
+
+        os.kill(os.getpid(), signal.SIGTERM)  # the second SIGTERM
+        yield stopped
+        self.assertEqual(
+            daemon.bridge.ended_by_reason, {reasons.CALLER_HANGUP: 1, reasons.SHUTDOWN: 2}
+        )
+        for client in clients[1:]:
+            yield wait_until(lambda c=client: not c.connected_)
+            self.assertEqual(client.received[-1].kind, Kind.HANGUP)  # Asterisk hangs up cleanly
+        self.assertIs(signal.getsignal(signal.SIGTERM), before)

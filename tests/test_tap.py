@@ -14,10 +14,12 @@ from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from rapida_tap import dialplan, listeners, node, services, tap
+from rapida_tap.admission import AdmissionFactory
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
 from rapida_tap.listeners import ListenFailed
 from rapida_tap.tls import TlsListener
+from rapida_tap.web.guard import GuardedSite
 from tests.certs import make_cert
 from tests.support import API_KEY, capture_logs, curl_get, raw_http, register
 
@@ -279,7 +281,8 @@ class MakeServiceTests(unittest.TestCase):
         ports: dict[str, Any] = {}
         for child in top:
             if isinstance(child, StreamServerEndpointService):
-                kind = "audiosocket" if isinstance(child.factory, AudioSocketFactory) else "http"
+                served = child.factory.wrapped  # behind the admission caps
+                kind = "audiosocket" if isinstance(served, AudioSocketFactory) else "http"
                 listen = child.endpoint.listen
 
                 def spy(factory: Any, listen: Any = listen, kind: str = kind) -> Any:
@@ -301,8 +304,10 @@ class MakeServiceTests(unittest.TestCase):
         self.assertIsInstance(children[1], services.OutboundService)
         listeners = [c for c in children if isinstance(c, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
-        self.assertIsInstance(listeners[0].factory, AudioSocketFactory)
-        self.assertEqual(type(listeners[1].factory).__name__, "Site")
+        # Each listener's factory sits behind the node's connection caps (rapida_tap.admission).
+        self.assertIsInstance(listeners[0].factory, AdmissionFactory)
+        self.assertIsInstance(listeners[0].factory.wrapped, AudioSocketFactory)
+        self.assertIsInstance(listeners[1].factory.wrapped, GuardedSite)
         self.assertFalse(top.running)
 
     def test_https_adds_a_listener_and_off_removes_one(self) -> None:
@@ -312,7 +317,12 @@ class MakeServiceTests(unittest.TestCase):
         listeners = [c for c in top if isinstance(c, StreamServerEndpointService | TlsListener)]
         self.assertEqual(len(listeners), 2)
         self.assertEqual(sum(isinstance(c, TlsListener) for c in listeners), 1)
-        self.assertFalse(any(isinstance(c.factory, AudioSocketFactory) for c in listeners))
+        self.assertFalse(
+            any(
+                isinstance(getattr(c.factory, "wrapped", c.factory), AudioSocketFactory)
+                for c in listeners
+            )
+        )
 
     @defer.inlineCallbacks
     def test_start_serve_and_stop(self) -> Any:

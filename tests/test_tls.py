@@ -185,16 +185,23 @@ class WssTest(unittest.TestCase):
         self.key, self.cert = make_cert(self.dir)
         self.daemon = start_daemon(self)
         self.context = tls.TlsServerContext(spec(self.key, self.cert))
-        d = tls.tls_server_endpoint(reactor, spec(self.key, self.cert), self.context).listen(
-            self.daemon.site
+        # As the daemon listens: admission caps outside TLS, the site inside.
+        listener = tls.TlsListener(
+            reactor,
+            spec(self.key, self.cert),
+            self.context,
+            self.daemon.site,
+            admission=lambda factory: self.daemon.admitted("https", factory, 100),
         )
-        d.addCallback(self._listening)
+        listener.startService()
+        self.addCleanup(listener.stopService)
         self.clients: list[fc.FakeChanWebSocket] = []
-        return d
+        return wait_until(lambda: listener.port is not None).addCallback(
+            lambda _: self._listening(listener.port)
+        )
 
     def _listening(self, port: Any) -> None:
         self.port = port.getHost().port
-        self.addCleanup(port.stopListening)
 
     def tearDown(self) -> defer.Deferred[Any]:
         waits = []
@@ -241,6 +248,28 @@ class WssTest(unittest.TestCase):
         self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
         client.close_like_asterisk()
         self.assertEqual((yield call.when_ended()), "caller-hangup")
+
+    @defer.inlineCallbacks
+    def test_https_refuses_an_oversized_body_and_counts_the_call_as_identified(self) -> Any:
+        """The HTTP limits hold on the TLS listener too, behind its admission caps."""
+        client, call = yield self.start_call(self.trust(self.cert))
+        https = self.daemon.listeners["https"]
+        self.assertEqual((https.connections, https.pending), (1, {}))  # the call, identified
+        upload = fc.FakeChanWebSocket(
+            b"POST /v1/talk/asterisk/calls HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Length: 2000000000\r\n\r\n" + b"x" * 65536
+        )
+        self.clients.append(upload)
+        yield protocol.ClientCreator(reactor, lambda: upload).connectSSL(
+            "127.0.0.1", self.port, self.trust(self.cert)
+        )
+        yield upload.closed
+        self.assertTrue(upload.response_head.startswith(b"HTTP/1.1 413 "), upload.response_head)
+        self.assertEqual(self.daemon.site.refused, {"body-too-large": 1})
+        yield self.echo_once(client)  # the call never noticed
+        client.close_like_asterisk()
+        self.assertEqual((yield call.when_ended()), "caller-hangup")
+        yield wait_until(lambda: https.connections == 0)
 
     @defer.inlineCallbacks
     def test_tls11_and_plain_clients_are_refused_without_harm(self) -> Any:

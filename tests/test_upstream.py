@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from rapida_tap.assistants.bot_client import UpstreamAssistant
 from rapida_tap.assistants.config import BotSpec
+from rapida_tap.assistants.dialects import AudioFormat
 from rapida_tap.assistants.upstream import (
     BotTimeout,
     BotUnreachable,
@@ -102,9 +103,16 @@ class Harness:
             caller="+4930123456",
             variables={"campaign": "spring"},
         )
-        self.call = Call(context, self.leg, clock=self.clock, pacer=self.pacer, idle_timeout=0)
-        self.leg.call = self.call
         self.spec = BotSpec(url="wss://bot.example/stream", on_failure=on_failure, **spec)
+        self.call = Call(
+            context,
+            self.leg,
+            clock=self.clock,
+            pacer=self.pacer,
+            idle_timeout=0,
+            rate=self.spec.audio.rate,
+        )
+        self.leg.call = self.call
         self.sent: list[dict[str, Any]] = []
         self.closes: list[tuple[int, str]] = []
         self.ended: list[str] = []
@@ -492,3 +500,71 @@ class ConnectHarness(SynchronousTestCase):
         self.assertTrue(endpoint.cancelled)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.leg.hangups, [EndReason.CALLER_HANGUP])
+
+
+# --- other dialects through the same session ---------------------------------------------
+
+
+def plivo_play(pcm_or_ulaw: bytes, content_type: str = "audio/x-mulaw", rate: int = 8000) -> str:
+    payload = base64.b64encode(pcm_or_ulaw).decode()
+    media = {"contentType": content_type, "sampleRate": rate, "payload": payload}
+    return json.dumps({"event": "playAudio", "streamId": CTX, "media": media})
+
+
+def checkpoint(name: str) -> str:
+    return json.dumps({"event": "checkpoint", "streamId": CTX, "name": name})
+
+
+def test_plivo_checkpoints_are_reported_when_played_and_dropped_ones_never() -> None:
+    h = Harness(protocol="plivo")
+    assert h.events() == ["start"]  # no `connected` in Plivo's protocol
+    h.bot(plivo_play(tone_ulaw(2)), checkpoint("first"), plivo_play(tone_ulaw(50)))
+    h.bot(checkpoint("second"))
+    h.ticks(3)
+    played = [m["name"] for m in h.sent if m["event"] == "playedStream"]
+    assert played == ["first"]
+    h.bot(json.dumps({"event": "clearAudio", "streamId": CTX}))
+    assert h.events()[-1] == "clearedAudio"
+    assert [m["name"] for m in h.sent if m["event"] == "playedStream"] == ["first"]
+    assert h.call.queued_frames == 0
+    h.call.end(EndReason.CALLER_HANGUP)
+    assert h.events()[-1] == "clearedAudio"  # no stop message: the close says it
+    assert h.closes == [(1000, "call ended")]
+
+
+def test_plivo_l16_16k_runs_the_call_at_16k_with_nothing_resampled() -> None:
+    h = Harness(protocol="plivo", audio=AudioFormat("l16", 16000))
+    assert h.call.rate == 16000 and h.call.frame_bytes == 640
+    start = h.sent[0]["start"]
+    assert start["mediaFormat"] == {"encoding": "audio/x-l16", "sampleRate": 16000}
+    pcm = struct.pack("<320h", *range(320))
+    h.bot(plivo_play(pcm + pcm, "audio/x-l16", 16000))
+    h.ticks(2)
+    assert h.leg.audio == [pcm, pcm]
+    h.session.audio_received(pcm)
+    assert base64.b64decode(h.sent[-1]["media"]["payload"]) == pcm
+
+
+def test_plivo_audio_in_another_format_is_dropped_and_the_call_goes_on() -> None:
+    h = Harness(protocol="plivo")
+    h.bot(plivo_play(bytes(640), "audio/x-l16", 16000))
+    assert h.session.bad_messages == 1 and h.call.queued_frames == 0
+    h.bot(plivo_play(tone_ulaw(1)))
+    assert h.call.queued_frames == 1 and not h.ended
+
+
+def test_telnyx_marks_and_stop() -> None:
+    h = Harness(protocol="telnyx")
+    assert h.events() == ["connected", "start"]
+    payload = base64.b64encode(tone_ulaw(1)).decode()
+    h.bot(json.dumps({"event": "media", "media": {"payload": payload}}))
+    h.bot(json.dumps({"event": "mark", "mark": {"name": "m"}}))
+    h.ticks(1)
+    assert h.sent[-1] == {
+        "event": "mark",
+        "sequence_number": "2",
+        "stream_id": CTX,
+        "mark": {"name": "m"},
+    }
+    h.call.end(EndReason.CALLER_HANGUP)
+    assert h.sent[-1]["event"] == "stop"

@@ -215,7 +215,7 @@ def test_unsupported_codec_is_refused() -> None:
     leg.handshake()
     leg.send(fc.TEXT, fc.media_start_json(CTX).replace('"format":"ulaw"', '"format":"opus"'))
     assert leg.close_code() == 1008
-    assert "unsupported-format (format 'opus': dial with c(ulaw))" in leg.text()
+    assert "unsupported-format (format 'opus': dial with c(ulaw), c(alaw), c(slin16)" in leg.text()
 
 
 def test_plain_text_media_start_has_no_variables_and_is_accepted() -> None:
@@ -434,15 +434,22 @@ def test_shipped_websocket_client_conf_matches_the_endpoint() -> None:
     assert "connection_type = per_call_config" in text
 
 
-@pytest.mark.parametrize("context", ["rapida-inbound-ws", "rapida-outbound-ws"])
-def test_shipped_dialplans_have_what_real_asterisk_needs(context: str) -> None:
+@pytest.mark.parametrize(
+    ("context", "codec"),
+    [
+        ("rapida-inbound-ws", "ulaw"),
+        ("rapida-inbound-ws-16k", "slin16"),
+        ("rapida-outbound-ws", "ulaw"),
+    ],
+)
+def test_shipped_dialplans_have_what_real_asterisk_needs(context: str, codec: str) -> None:
     text = (ETC / "extensions-websocket.conf").read_text()
     body = text.split(f"[{context}]", 1)[1].split("\n[", 1)[0]
     assert "Set(__RAPIDA_CONTEXT_ID=${CTX})" in body
-    assert "/c(ulaw)f(json)v(ctx=${CTX}),,g)" in body
+    assert f"/c({codec})f(json)v(ctx=${{CTX}}),,g)" in body
     assert "GotoIf($[${LEN(${CTX})} != 36]?error)" in body
     assert "WebSocket(" not in body  # there is no such application
-    if context == "rapida-inbound-ws":
+    if context.startswith("rapida-inbound-ws"):
         for needed in ("conntimeout", "httptimeout", "failurecodes", "X-Api-Key", "URIENCODE"):
             assert needed in body
 

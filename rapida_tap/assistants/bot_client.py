@@ -214,6 +214,7 @@ class UpstreamAssistant:
     ) -> None:
         self.spec = spec
         self.name = spec.name
+        self.sample_rate = spec.audio.rate  # the call runs at the bot's rate
         self.clock: IReactorTime = reactor
         self._reactor = reactor
         self._endpoint_factory = endpoint_factory or self._default_endpoint

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from rapida_tap.assistants.dialects import DIALECTS, AudioFormat
+from rapida_tap.assistants.dialects.base import MULAW
 from rapida_tap.assistants.echo import EchoAssistant
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.config import ConfigError
@@ -46,8 +48,13 @@ BOT_OPTIONS = frozenset(
         "transfer_endpoint",
         "transfer_sip_endpoint",
         "transfer_fallback",
+        "protocol",
+        "encoding",
+        "sample_rate",
     }
 )
+DEFAULT_PROTOCOL = "twilio"
+TWILIO_AUDIO = AudioFormat(MULAW, 8000)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class BotSpec:
     ``headers`` and ``url`` are already expanded (they may hold secrets: never log them; log
     ``name``).  ``connect_timeout`` is in seconds and covers TCP, TLS and the WebSocket
     handshake.  ``ca_file`` replaces the system trust store for this bot (a private CA).
+    ``protocol`` names the media-stream dialect (``rapida_tap.assistants.dialects``) and
+    ``audio`` the format it carries, one the dialect allows.
     """
 
     url: str
@@ -69,6 +78,8 @@ class BotSpec:
     transfer_endpoint: str = ""  # "" = the top-level setting (docs/call-control.md)
     transfer_sip_endpoint: str = ""
     transfer_fallback: bool = True
+    protocol: str = DEFAULT_PROTOCOL
+    audio: AudioFormat = TWILIO_AUDIO
 
     @property
     def name(self) -> str:
@@ -216,6 +227,10 @@ def parse_spec(options: Mapping[str, Any], environ: Mapping[str, str], where: st
     fallback = options.get("transfer_fallback", True)
     if not isinstance(fallback, bool):
         raise ConfigError(f"{where}.transfer_fallback: must be true or false")
+    protocol = options.get("protocol", DEFAULT_PROTOCOL)
+    if protocol not in DIALECTS:
+        known = ", ".join(f"{name!r}" for name in DIALECTS)
+        raise ConfigError(f"{where}.protocol: {str(protocol)[:20]!r} is not one of {known}")
     return BotSpec(
         url=url,
         headers=headers,
@@ -227,6 +242,8 @@ def parse_spec(options: Mapping[str, Any], environ: Mapping[str, str], where: st
         transfer_endpoint=transfer_endpoint,
         transfer_sip_endpoint=transfer_sip_endpoint,
         transfer_fallback=fallback,
+        protocol=protocol,
+        audio=_audio_format(options, protocol, where),
     )
 
 
@@ -243,6 +260,26 @@ def check_transfer_template(template: object, where: str, sip: bool = False) -> 
             check_template(template, "", ("to",), "to")
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _audio_format(options: Mapping[str, Any], protocol: str, where: str) -> AudioFormat:
+    """The dialect's format named by ``encoding`` and ``sample_rate`` (its default if neither)."""
+    dialect = DIALECTS[protocol]
+    encoding = options.get("encoding")
+    rate = options.get("sample_rate")
+    allowed = ", ".join(f.label for f in dialect.formats)
+    if encoding is not None and not isinstance(encoding, str):
+        raise ConfigError(f"{where}.encoding: 'mulaw', 'alaw' or 'l16'")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int)):
+        raise ConfigError(f"{where}.sample_rate: a whole number of Hz, e.g. 16000")
+    fmt = dialect.audio_format(encoding.lower() if encoding else None, rate)
+    if fmt is None:
+        asked = "/".join(str(x) for x in (encoding, rate) if x is not None)
+        raise ConfigError(
+            f"{where}: protocol {protocol!r} carries {allowed}, not {asked} "
+            "(set encoding and sample_rate to one of those)"
+        )
+    return fmt
 
 
 def _check_url(url: str, where: str) -> None:

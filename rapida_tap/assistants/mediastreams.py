@@ -13,6 +13,7 @@ import binascii
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "DTMF_DIGITS",
@@ -22,6 +23,8 @@ __all__ = [
     "BotOther",
     "StreamEncoder",
     "StreamProtocolError",
+    "load_message",
+    "media_payload",
     "parse_bot_message",
 ]
 
@@ -195,16 +198,12 @@ class BotOther:
 BotMessage = BotMedia | BotMark | BotClear | BotOther
 
 
-def parse_bot_message(text: str | bytes, max_bytes: int = 1_048_576) -> BotMessage:
-    """Decode one bot -> daemon WebSocket message.
+def load_message(text: str | bytes, max_bytes: int = 1_048_576) -> tuple[dict[str, Any], str]:
+    """One bot message as a JSON object and its ``event``: what every dialect shares.
 
-    ``max_bytes`` bounds the message's UTF-8 size.  ``streamSid`` is not checked (bots set
-    it from ``start``, some omit it); a string ``streamSid`` is kept as ``stream_sid`` for the
-    caller to log, and takes no part in equality.  Raises ``StreamProtocolError`` for:
-    oversize, bytes that are not UTF-8, text that is not JSON, a JSON value that is not an
-    object, a missing or non-string ``event``, ``media`` without an object ``media`` holding
-    a base64 string ``payload`` (padding may be left off), and ``mark`` without an object
-    ``mark`` holding a non-empty string ``name``.
+    Raises ``StreamProtocolError`` for: more than ``max_bytes`` of UTF-8, bytes that are not
+    UTF-8, text that is not JSON, a JSON value that is not an object, a missing or non-string
+    ``event``.
     """
     size = len(text)
     if isinstance(text, str) and size * 4 > max_bytes:  # a char is 1 to 4 UTF-8 bytes
@@ -225,24 +224,43 @@ def parse_bot_message(text: str | bytes, max_bytes: int = 1_048_576) -> BotMessa
     event = message.get("event")
     if not isinstance(event, str):
         raise StreamProtocolError("message has no string 'event'")
+    return message, event
+
+
+def parse_bot_message(text: str | bytes, max_bytes: int = 1_048_576) -> BotMessage:
+    """Decode one bot -> daemon WebSocket message.
+
+    ``max_bytes`` bounds the message's UTF-8 size.  ``streamSid`` is not checked (bots set
+    it from ``start``, some omit it); a string ``streamSid`` is kept as ``stream_sid`` for the
+    caller to log, and takes no part in equality.  Raises ``StreamProtocolError`` for what
+    ``load_message`` refuses, ``media`` without an object ``media`` holding a base64 string
+    ``payload`` (padding may be left off), and ``mark`` without an object ``mark`` holding a
+    non-empty string ``name``.
+    """
+    message, event = load_message(text, max_bytes)
     stream_sid = message.get("streamSid")
     if not isinstance(stream_sid, str):
         stream_sid = None
 
     if event == "media":
-        return BotMedia(_media_payload(message.get("media")), stream_sid)
+        return BotMedia(media_payload(message.get("media")), stream_sid)
     if event == "mark":
-        mark = message.get("mark")
-        name = mark.get("name") if isinstance(mark, dict) else None
-        if not isinstance(name, str) or not name:
-            raise StreamProtocolError("mark has no non-empty string 'mark.name'")
-        return BotMark(name, stream_sid)
+        return BotMark(mark_name(message.get("mark"), "mark.name"), stream_sid)
     if event == "clear":
         return BotClear(stream_sid)
     return BotOther(event)
 
 
-def _media_payload(media: object) -> bytes:
+def mark_name(value: object, where: str) -> str:
+    """``value['name']`` when ``value`` is an object and that is a non-empty string."""
+    name = value.get("name") if isinstance(value, dict) else None
+    if not isinstance(name, str) or not name:
+        raise StreamProtocolError(f"mark has no non-empty string '{where}'")
+    return name
+
+
+def media_payload(media: object) -> bytes:
+    """The audio of a ``media`` object: its base64 ``payload``, padding optional."""
     payload = media.get("payload") if isinstance(media, dict) else None
     if not isinstance(payload, str):
         raise StreamProtocolError("media has no string 'media.payload'")

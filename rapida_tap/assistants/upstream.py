@@ -1,6 +1,7 @@
-"""One call's stream to an upstream voice bot (Twilio Media Streams, ``docs/media-streams.md``).
+"""One call's stream to an upstream voice bot, in its dialect (Twilio Media Streams by default,
+``docs/media-streams.md``; Telnyx, Plivo, Exotel: ``rapida_tap.assistants.dialects``).
 
-The daemon is the WebSocket client (as Twilio is); the bot is the server.  ``UpstreamSession``
+The daemon is the WebSocket client (as the provider is); the bot is the server.  ``UpstreamSession``
 is the per-call state machine between the bridge and the bot's messages: it never touches a
 socket (it is given ``send`` and ``close`` callables), so tests drive it on a ``task.Clock``.
 ``rapida_tap.assistants.bot_client`` connects it to a real bot.
@@ -9,7 +10,6 @@ socket (it is given ``send`` and ``close`` callables), so tests drive it on a ``
 from __future__ import annotations
 
 import collections
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -17,19 +17,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from rapida_tap.assistants.dialects import DIALECTS, Dialect, StreamCall
+from rapida_tap.assistants.dialects.twilio import stream_sids as stream_sids
 from rapida_tap.assistants.mediastreams import (
     DTMF_DIGITS,
     BotClear,
     BotMark,
     BotMedia,
     BotOther,
-    StreamEncoder,
     StreamProtocolError,
-    parse_bot_message,
 )
 from rapida_tap.interfaces import IAssistantSession
-from rapida_tap.media.audio import SAMPLE_RATE
-from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
 from rapida_tap.media.playout import end_after_playout
 from rapida_tap.reasons import EndReason
 
@@ -63,12 +61,6 @@ class CallEndedWhileConnecting(UpstreamError):
     """The caller hung up before the bot answered; nothing to report to anyone."""
 
 
-def stream_sids(context_id: str) -> tuple[str, str]:
-    """Twilio-shaped ``(streamSid, callSid)`` derived from the context id, so logs line up."""
-    hex_id = uuid.UUID(context_id).hex
-    return "MZ" + hex_id, "CA" + hex_id
-
-
 def custom_parameters(call: Call, spec: BotSpec) -> dict[str, str]:
     """``start.customParameters``: the call's variables, the configured parameters, then the
     daemon's own (which win): ``from_number`` is the name Pipecat's runner reads."""
@@ -84,6 +76,19 @@ def custom_parameters(call: Call, spec: BotSpec) -> dict[str, str]:
         transport=str(getattr(call.leg, "transport_name", "")),
     )
     return params
+
+
+def dialect_for(call: Call, spec: BotSpec, clock: IReactorTime) -> Dialect:
+    """The dialect ``spec`` names, set up for ``call`` (stamped with ``clock``'s time)."""
+    ctx = call.context
+    described = StreamCall(
+        context_id=ctx.context_id,
+        caller=ctx.caller,
+        to=ctx.variables.get("to", ""),
+        account=spec.account_sid,
+        parameters=custom_parameters(call, spec),
+    )
+    return DIALECTS[spec.protocol](described, spec.audio, clock.seconds)
 
 
 @implementer(IAssistantSession)
@@ -112,20 +117,19 @@ class UpstreamSession:
         self._send = send
         self._close_bot = close_bot
         self._clock = clock
-        stream_sid, call_sid = stream_sids(call.context_id)
-        self.encoder = StreamEncoder(stream_sid, call_sid, account_sid=spec.account_sid)
+        self.dialect = dialect_for(call, spec, clock)
         self.bot_open = True
         self.closed = False
-        self._samples = 0  # caller samples sent: the media timestamps
+        self._clearing = False
         self._pending: collections.Counter[str] = collections.Counter()
         self.bad_messages = 0
         self.other_events = 0
         self.dropped_messages = 0  # written while the bot's socket was closing
 
     def start(self) -> None:
-        """The WebSocket is open: ``connected`` then ``start``, nothing between them."""
-        self._write(self.encoder.connected())
-        self._write(self.encoder.start(custom_parameters=custom_parameters(self.call, self.spec)))
+        """The WebSocket is open: the dialect's opening (``connected``, ``start``) first."""
+        for text in self.dialect.opening():
+            self._write(text)
 
     def _write(self, text: str) -> None:
         if not self._send(text):
@@ -136,20 +140,18 @@ class UpstreamSession:
     def audio_received(self, pcm: bytes) -> None:
         if not self.bot_open or not pcm:
             return
-        timestamp_ms = self._samples * 1000 // SAMPLE_RATE
-        self._samples += len(pcm) // 2
-        self._write(self.encoder.media(pcm_to_ulaw(pcm), timestamp_ms))
+        self._write(self.dialect.media(pcm))
 
     def dtmf_received(self, digit: str) -> None:
         if self.bot_open and digit in DTMF_DIGITS:
-            self._write(self.encoder.dtmf(digit))
+            self._write(self.dialect.dtmf(digit))
 
     def mark_played(self, name: str) -> None:
         if not self._pending[name]:
             return  # not a mark the bot is waiting for (settled already)
         self._pending[name] -= 1
-        if self.bot_open:
-            self._write(self.encoder.mark(name))
+        if self.bot_open and (self.dialect.echo_cleared_marks or not self._clearing):
+            self._write(self.dialect.mark_played(name))
 
     def close(self, reason: str) -> None:
         """The call ended: ``stop`` and a normal close, unless the bot is gone already."""
@@ -158,7 +160,9 @@ class UpstreamSession:
         self.closed = True
         if self.bot_open:
             self.bot_open = False
-            self._write(self.encoder.stop())
+            stop = self.dialect.stop()
+            if stop is not None:
+                self._write(stop)
             self._close_bot(1000, "call ended")
 
     # -- the bot's side ---------------------------------------------------------------
@@ -168,7 +172,7 @@ class UpstreamSession:
         if self.closed or not self.bot_open:
             return
         try:
-            message = parse_bot_message(payload, MAX_MESSAGE_BYTES)
+            message = self.dialect.parse(payload, MAX_MESSAGE_BYTES)
         except StreamProtocolError as e:
             self.bad_messages += 1
             if self.bad_messages == 1:
@@ -182,12 +186,19 @@ class UpstreamSession:
             return
         if isinstance(message, BotMedia):
             if message.payload:
-                self.call.play(ulaw_to_pcm(message.payload))
+                self.call.play(self.dialect.audio.decode(message.payload))
         elif isinstance(message, BotMark):
             self._pending[message.name] += 1
             self.call.mark(message.name)
         elif isinstance(message, BotClear):
-            self.call.clear()  # settles every pending mark through mark_played
+            self._clearing = True
+            try:
+                self.call.clear()  # settles every pending mark through mark_played
+            finally:
+                self._clearing = False
+            cleared = self.dialect.cleared()
+            if cleared is not None and self.bot_open:
+                self._write(cleared)
         elif isinstance(message, BotOther):
             self.other_events += 1
             if self.other_events == 1:

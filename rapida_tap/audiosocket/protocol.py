@@ -22,8 +22,8 @@ from rapida_tap.audiosocket.wire import (
     uuid_text,
 )
 from rapida_tap.interfaces import ICallLeg
-from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE
-from rapida_tap.media.codec import Resampler, from_bridge, to_bridge
+from rapida_tap.media.audio import frame_bytes
+from rapida_tap.media.codec import RateMatch, Resampler
 from rapida_tap.media.lifecycle import ILegTransport, LegLifecycle, Phase
 from rapida_tap.media.listener import LegListener, peer_text
 from rapida_tap.reasons import EndReason, Refusal
@@ -32,8 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.call import Call
 
 _SLIN8 = int(Kind.SLIN_8K)
-_SLIN8_HEADER = encode_frame(Kind.SLIN_8K, bytes(FRAME_BYTES))[:3]
-_SLIN8_SILENCE = encode_frame(Kind.SLIN_8K, bytes(FRAME_BYTES))
 
 
 @implementer(ICallLeg, ILegTransport, interfaces.IPushProducer)
@@ -43,7 +41,11 @@ class AudioSocketProtocol(Protocol):
     The first frame must be the UUID (the context id) within ``id_timeout`` seconds; the
     context is then claimed and the call runs until either side ends it.  A refusal is a plain
     close: Asterisk accepts no error frame from the server, and ``AudioSocket()`` returns so the
-    dialplan's next step runs.  Audio goes out in the kind Asterisk last sent (8 kHz until then).
+    dialplan's next step runs.
+
+    Audio goes out in the kind Asterisk last sent (8 kHz until then).  The leg converts between
+    that rate and its call's (one soxr step each way, none when they agree); the first audio
+    frame tells the call the caller's rate (``Call.caller_rate_is``).
     """
 
     transport_name = "audiosocket"
@@ -54,12 +56,15 @@ class AudioSocketProtocol(Protocol):
         self.factory = factory
         self.lifecycle = LegLifecycle(factory.listener, self, self)
         self._decoder = AudioSocketDecoder(max_audio_payload=factory.max_audio_payload)
+        self.sample_rate: int | None = None  # Asterisk's rate, once its first audio came
         self._out_kind = _SLIN8
-        self._header = _SLIN8_HEADER
-        self._silence = _SLIN8_SILENCE
-        self._upsample: Resampler | None = None
-        self._downsample: Resampler | None = None
-        self._in_rate = SAMPLE_RATE
+        self._in_kind = -1  # the kind the conversion below is set up for (-1: none yet)
+        self._direct_kind = -1  # an audio kind at the call's own rate: the hot path
+        self._wired = False
+        self._header = b""
+        self._silence = encode_frame(Kind.SLIN_8K, bytes(frame_bytes(8000)))
+        self._to_call: Resampler | None = None
+        self._to_wire: Resampler | None = None
         self._socket: socket.socket | None = None
 
     @property
@@ -93,8 +98,8 @@ class AudioSocketProtocol(Protocol):
             frames = self._decoder.feed(data)
             call = lifecycle.call
             for kind, payload in frames:
-                if kind == _SLIN8 and call is not None and self._in_rate == SAMPLE_RATE:
-                    call.audio_received(payload)  # the hot path: 8 kHz audio in a call
+                if kind == self._direct_kind and call is not None:
+                    call.audio_received(payload)  # the hot path: audio at the call's rate
                     continue
                 self._frame(kind, payload)
                 if not lifecycle.open:
@@ -130,25 +135,30 @@ class AudioSocketProtocol(Protocol):
             lifecycle.protocol_error("a second UUID frame")
 
     def _audio(self, call: Call, kind: int, payload: bytes) -> None:
-        if kind != self._out_kind:
-            self._switch_rate(kind, AUDIO_SAMPLE_RATES[kind])
-        if self._downsample is not None:
-            payload = self._downsample(payload)
+        if kind != self._in_kind:
+            rate = AUDIO_SAMPLE_RATES[kind]
+            self.sample_rate = rate
+            self._wire(kind, call.caller_rate_is(rate))
+            self._in_kind = kind
+            self._direct_kind = kind if self._to_call is None else -1
+        if self._to_call is not None:
+            payload = self._to_call(payload)
         call.audio_received(payload)
 
-    def _switch_rate(self, kind: int, rate: int) -> None:
-        """Asterisk's channel runs at ``rate``: convert both directions from now on."""
+    def _wire(self, kind: int, call_rate: int) -> None:
+        """Asterisk's channel runs at ``kind``'s rate, the call at ``call_rate``: convert both
+        directions between them from now on (nothing to convert when they agree)."""
+        rate = AUDIO_SAMPLE_RATES[kind]
+        match = RateMatch(rate, call_rate)
+        self._to_call, self._to_wire = match.to_call, match.to_wire
         self._out_kind = kind
-        self._in_rate = rate
-        if rate == SAMPLE_RATE:
-            self._downsample = self._upsample = None
-            self._header, self._silence = _SLIN8_HEADER, _SLIN8_SILENCE
-        else:
-            self._downsample, self._upsample = to_bridge(rate), from_bridge(rate)
-            self._silence = encode_frame(kind, bytes(FRAME_BYTES * rate // SAMPLE_RATE))
+        self._direct_kind = -1  # until Asterisk's audio shows this kind (see ``_audio``)
+        self._header = encode_frame(kind, bytes(frame_bytes(rate)))[:3]
+        self._silence = encode_frame(kind, bytes(frame_bytes(rate)))
+        self._wired = True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._upsample = self._downsample = None  # the resamplers' native state
+        self._to_call = self._to_wire = None  # the resamplers' native state
         self._socket = None
         self.lifecycle.connection_lost()
 
@@ -157,8 +167,14 @@ class AudioSocketProtocol(Protocol):
     def send_audio(self, frame: bytes) -> bool:
         if not self.lifecycle.writable:
             return False
-        if self._upsample is not None:
-            self._send(encode_frame(self._out_kind, self._upsample(frame)))
+        if not self._wired:
+            # The assistant speaks before Asterisk sent audio: its rate is still unknown,
+            # so the call's audio goes out as 8 kHz until Asterisk names its own.
+            call = self.lifecycle.call
+            self._wire(self._out_kind, call.rate if call is not None else 8000)
+        to_wire = self._to_wire
+        if to_wire is not None:
+            self._send(encode_frame(self._out_kind, to_wire(frame)))
         else:
             self._send(self._header + frame)
         return True

@@ -69,8 +69,16 @@ class MediaBridge:
         if not self.accepting:
             raise NotAccepting(context.context_id)
         call = Call(
-            context, leg, clock=self.clock, pacer=self.pacer, idle_timeout=self.idle_timeout
+            context,
+            leg,
+            clock=self.clock,
+            pacer=self.pacer,
+            idle_timeout=self.idle_timeout,
+            rate=getattr(assistant, "sample_rate", None),
         )
+        wire_rate = getattr(leg, "sample_rate", None)  # known now on chan_websocket only
+        if wire_rate:
+            call.caller_rate_is(wire_rate)
         self.calls[context.context_id] = call
         self.calls_total += 1
         self.log.info(
@@ -103,7 +111,8 @@ class MediaBridge:
         self.log.info(
             "call {ctx} ended: {reason}{detail} after {duration:.1f}s; assistant={assistant_id} "
             "caller={caller!r} transport={transport} frames_in={frames_in} "
-            "frames_out={frames_out} underruns={underruns}",
+            "frames_out={frames_out} underruns={underruns} caller_rate={caller_rate} "
+            "rate={rate} assistant_rate={assistant_rate}",
             ctx=call.context_id,
             reason=reason,
             detail=f" ({call.end_detail})" if call.end_detail else "",
@@ -114,6 +123,9 @@ class MediaBridge:
             frames_in=call.frames_in,
             frames_out=call.frames_out,
             underruns=call.underruns,
+            caller_rate=call.caller_rate or "-",
+            rate=call.rate,
+            assistant_rate=call.assistant_rate,
         )
         for hook in self.call_ended:
             hook(call)

@@ -10,7 +10,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rapida_tap.media.audio import FRAME_BYTES
+from rapida_tap.media.audio import SAMPLE_RATE, frame_bytes
 from rapida_tap.reasons import EndReason
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,11 +51,19 @@ class Call:
         pacer: Pacer,
         idle_timeout: float = 60.0,
         max_queue_frames: int = 6000,
+        rate: int | None = None,
     ) -> None:
         self.context = context
         self.leg = leg
         self.session: IAssistantSession | None = None
         self.assistant_name = ""
+        # The call's rate: the assistant's (``rate``), or else the caller's, settled by the
+        # leg's first word on it (``caller_rate_is``).  Frames are 20 ms at this rate.
+        self.rate = rate or SAMPLE_RATE
+        self.frame_bytes = frame_bytes(self.rate)
+        self._rate_settled = rate is not None
+        self._assistant_rate = rate
+        self.caller_rate: int | None = None  # the leg's wire rate, once known
         self._clock = clock
         self._pacer = pacer
         self.started_at = clock.seconds()
@@ -113,6 +121,27 @@ class Call:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def assistant_rate(self) -> int:
+        """The rate the assistant speaks: its own, or the call's when it follows the caller."""
+        return self._assistant_rate or self.rate
+
+    def caller_rate_is(self, rate: int) -> int:
+        """The leg's wire runs at ``rate`` Hz; returns the call's rate, which it converts to.
+
+        The first word settles the rate of a call whose assistant has none of its own (the
+        echo), so a 16 kHz caller talks at 16 kHz with nothing resampled.  Once settled, or
+        once audio is queued at it, the call's rate never changes; later words only update
+        ``caller_rate`` (a leg whose peer changes rate converts from then on).
+        """
+        self.caller_rate = rate
+        if not self._rate_settled:
+            self._rate_settled = True
+            if rate != self.rate:
+                self.rate = rate
+                self.frame_bytes = frame_bytes(rate)
+        return self.rate
+
     def duration(self) -> float:
         return self._clock.seconds() - self.started_at
 
@@ -135,9 +164,11 @@ class Call:
         self.assistant_name = name
 
     def play(self, pcm: bytes) -> None:
-        """Queue assistant audio (bridge format, any length) for paced playback."""
+        """Queue assistant audio (PCM16 at the call's rate, any length) for paced playback."""
         if self.end_reason is not None or not pcm:
             return
+        self._rate_settled = True
+        size = self.frame_bytes
         if self._gap_open:
             self.underruns += 1
             self._gap_open = False
@@ -145,19 +176,19 @@ class Call:
         elif not self._playing and not self._cushion and not self._queue:
             self._cushion = int(self._pacer.until_next_tick() < NEAR_TICK)
         data = self._partial + pcm if self._partial else pcm
-        whole = len(data) - len(data) % FRAME_BYTES
+        whole = len(data) - len(data) % size
         queue = self._queue
-        if len(queue) + whole // FRAME_BYTES > self._max_queue:
-            self.overflow_frames += whole // FRAME_BYTES
+        if len(queue) + whole // size > self._max_queue:
+            self.overflow_frames += whole // size
             self._partial = b""
             return
-        if whole == FRAME_BYTES and len(data) == FRAME_BYTES:
+        if whole == size and len(data) == size:
             queue.append(data)
         else:
             view = memoryview(data)
-            for offset in range(0, whole, FRAME_BYTES):
-                queue.append(bytes(view[offset : offset + FRAME_BYTES]))
-        self._queued += whole // FRAME_BYTES
+            for offset in range(0, whole, size):
+                queue.append(bytes(view[offset : offset + size]))
+        self._queued += whole // size
         self._partial = bytes(data[whole:])
 
     def mark(self, name: str) -> None:
@@ -202,7 +233,7 @@ class Call:
     # -- the transport side --------------------------------------------------------------
 
     def audio_received(self, pcm: bytes) -> None:
-        """Caller audio from the leg, bridge format."""
+        """Caller audio from the leg: PCM16 at the call's rate."""
         self.frames_in += 1
         session = self.session
         if session is not None:
@@ -322,7 +353,7 @@ class Call:
 
     def _flush_partial(self) -> None:
         if self._partial:
-            self._queue.append(self._partial + bytes(FRAME_BYTES - len(self._partial)))
+            self._queue.append(self._partial + bytes(self.frame_bytes - len(self._partial)))
             self._queued += 1
             self._partial = b""
 

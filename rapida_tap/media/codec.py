@@ -1,4 +1,4 @@
-"""Audio conversions between wire formats and the bridge format (PCM16 8 kHz mono)."""
+"""Audio conversions between wire formats and the bridge format (PCM16 mono, the call's rate)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,33 @@ def ulaw_to_pcm(ulaw: bytes) -> bytes:
 
 def pcm_to_ulaw(pcm: bytes) -> bytes:
     return audioop.lin2ulaw(pcm, 2)
+
+
+def alaw_to_pcm(alaw: bytes) -> bytes:
+    return audioop.alaw2lin(alaw, 2)
+
+
+def pcm_to_alaw(pcm: bytes) -> bytes:
+    return audioop.lin2alaw(pcm, 2)
+
+
+def swap_bytes(pcm: bytes) -> bytes:
+    """PCM16 between little- and big-endian (L16 as RTP carries it is big-endian)."""
+    return audioop.byteswap(pcm, 2)
+
+
+class RateMatch:
+    """One leg's conversion between its wire rate and its call's rate.
+
+    Both directions are ``None`` when the rates agree (nothing to do); otherwise each is one
+    streaming soxr resampler, 20 ms in giving 20 ms out.
+    """
+
+    __slots__ = ("call_rate", "to_call", "to_wire", "wire_rate")
+
+    def __init__(self, wire_rate: int, call_rate: int) -> None:
+        self.wire_rate = wire_rate
+        self.call_rate = call_rate
+        same = wire_rate == call_rate
+        self.to_call: Resampler | None = None if same else Resampler(wire_rate, call_rate)
+        self.to_wire: Resampler | None = None if same else Resampler(call_rate, wire_rate)

@@ -23,10 +23,10 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from rapida_tap.media.listener import LegListener
 from rapida_tap.ratelimit import Bucket
@@ -349,3 +349,20 @@ class LegLifecycle:
                 setattr(self, name, None)
                 if timer.active():
                     timer.cancel()
+
+
+@implementer(IPushProducer)
+class StallWatch:
+    """A transport's producer that only tells a lifecycle when its peer stops reading."""
+
+    def __init__(self, lifecycle: LegLifecycle) -> None:
+        self._lifecycle = lifecycle
+
+    def pauseProducing(self) -> None:
+        self._lifecycle.writes_paused()
+
+    def resumeProducing(self) -> None:
+        self._lifecycle.writes_resumed()
+
+    def stopProducing(self) -> None:
+        """The connection is going: ``connectionLost`` follows."""

@@ -1,8 +1,8 @@
 """``POST /admin/drain``: drain this node over HTTP, where sending SIGTERM is not an option.
 
 Same drain as SIGTERM (``rapida_tap.drain``): not ready at once, no new calls, live calls
-finish within ``drain_timeout``, then the daemon exits 0 (``on_drained``).  ``GET`` reports
-progress.  Both need an API key in ``X-Api-Key``; errors are empty-body statuses.
+finish (within ``drain_timeout`` if one is set), then the daemon exits 0 (``on_drained``).
+``GET`` reports progress.  Both need an API key in ``X-Api-Key``; errors are empty-body statuses.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class DrainResource(Resource):
             "state": drain.state.value,
             "calls": drain.live_calls,
             "timeout": drain.timeout,
-            "remaining": round(drain.remaining, 1),
+            "remaining": None if (left := drain.remaining) is None else round(left, 1),
         }
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
-from rapida_tap.media.listener import peer_text
+from rapida_tap.web.guard import BodyLimits, GuardedRequest, GuardedSite, check_twisted_web
 from rapida_tap.web.registration import close_after
 
 SECRET_PARAMS = frozenset({"x-api-key", "api_key", "apikey", "key", "token"})
@@ -82,32 +83,13 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
     node.putChild(parts[-1], resource)
 
 
-def body_too_large(request: Request, limit: int) -> bool:
-    """Whether the request's body exceeds ``limit`` bytes (declared or received)."""
-    declared = request.getHeader(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return True
-    return int(getattr(request, "body_received", 0)) > limit
-
-
-class QuietRequest(Request):
+class QuietRequest(GuardedRequest):
     """A request whose internal errors are a 500 with an empty body, like every other error.
 
-    Twisted's default error page would land in the dialplan's variable.  Its body is kept up
-    to ``MAX_BODY`` bytes as it arrives and the rest dropped (and counted in
-    ``body_received``), so no client can make the daemon buffer more than that.
+    Twisted's default error page would land in the dialplan's variable.
     """
 
     log = Logger()
-    #: The largest body any resource of the daemon reads, in bytes.
-    MAX_BODY = 64 * 1024
-    body_received = 0
-
-    def handleContentChunk(self, data: bytes) -> None:
-        room = self.MAX_BODY - self.body_received
-        self.body_received += len(data)
-        if room > 0:
-            super().handleContentChunk(data[:room])
 
     def processingFailed(self, reason: Failure) -> None:
         self.log.failure("request {uri} failed", reason, uri=redact_uri(self.uri))
@@ -119,28 +101,26 @@ class QuietRequest(Request):
         self.finish()
 
 
-class LoggingHTTPChannel(http.HTTPChannel):
-    """An HTTP channel that says in the log when it refuses a request it cannot even parse
-    (garbage, a TLS hello on the plain port): twisted.web answers 400 silently."""
-
-    log = Logger()
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        self.log.warn(
-            "http {peer}: malformed request refused with 400 (not HTTP, or a TLS client on "
-            "the plain port?)",
-            peer=peer_text(self.transport),
-        )
-        super()._respondToBadRequestAndDisconnect()
-
-
-def _channel() -> http._GenericHTTPChannelProtocol:
-    return http._GenericHTTPChannelProtocol(LoggingHTTPChannel())
-
-
-def make_site(root: Resource, *, timeout: float = 30.0) -> Site:
-    site = Site(root, logFormatter=redacted_log_formatter, timeout=timeout)
+def make_site(
+    root: Resource,
+    *,
+    timeout: float = 30.0,
+    head_timeout: float = 10.0,
+    body_limits: BodyLimits | None = None,
+    reactor: Any = None,
+) -> GuardedSite:
+    """The daemon's HTTP site: the limits of `rapida_tap.web.guard`, quiet errors, a
+    redacted access log.  ``timeout`` is twisted.web's inactivity timeout (idle keep-alive).
+    """
+    site = GuardedSite(
+        root,
+        head_timeout=head_timeout,
+        body_limits=body_limits,
+        logFormatter=redacted_log_formatter,
+        timeout=timeout,
+        reactor=reactor,
+    )
     site.requestFactory = QuietRequest
-    site.protocol = _channel  # type: ignore[assignment]
     site.displayTracebacks = False
+    check_twisted_web(site)
     return site

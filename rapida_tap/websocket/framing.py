@@ -1,8 +1,8 @@
-"""Audio toward chan_websocket, sans-IO: whole μ-law messages and unmasked binary frames.
+"""Audio toward chan_websocket, sans-IO: whole-frame messages and unmasked binary frames.
 
 Asterisk drops a partial frame at the end of a message, so audio goes out in whole multiples
-of its ``optimal_frame_size`` (160 bytes at 8 kHz); a partial tail waits for the next audio,
-or is padded with silence when a mark must follow it.
+of its ``optimal_frame_size`` (160 bytes of μ-law at 8 kHz, 640 of slin16); a partial tail
+waits for the next audio, or is padded with silence when a mark must follow it.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ def binary_frame(payload: bytes) -> bytes:
 
 
 class MediaFramer:
-    """Cuts μ-law into messages of whole frames of ``frame_size`` bytes."""
+    """Cuts wire-format audio into messages of whole frames of ``frame_size`` bytes;
+    ``silence`` is the byte of a silent sample (μ-law ``0xFF``, A-law ``0xD5``, slin ``0``)."""
 
-    def __init__(self, frame_size: int = 160) -> None:
+    def __init__(self, frame_size: int = 160, silence: int = ULAW_SILENCE) -> None:
         self.frame_size = frame_size
+        self.silence = silence
         self._tail = b""
 
     def push(self, ulaw: bytes) -> bytes:
@@ -43,7 +45,7 @@ class MediaFramer:
         tail, self._tail = self._tail, b""
         if not tail:
             return b""
-        return tail + bytes([ULAW_SILENCE]) * (self.frame_size - len(tail))
+        return tail + bytes([self.silence]) * (self.frame_size - len(tail))
 
     def clear(self) -> None:
         self._tail = b""

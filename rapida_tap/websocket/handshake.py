@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from rapida_tap.contexts import is_context_id
 from rapida_tap.reasons import Refusal
 from rapida_tap.websocket import control
+from rapida_tap.websocket.formats import MEDIA_FORMATS, MediaFormat, media_format
 
 SUBPROTOCOL = "media"
 CONTEXT_VARIABLE = "__RAPIDA_CONTEXT_ID"
@@ -67,16 +68,20 @@ def check_upgrade(path: str, params: dict[str, list[str]], protocols: Sequence[s
         raise HandshakeRefused(Refusal.BAD_CONTEXT_ID, str(e)) from None
 
 
-def check_media_start(event: control.MediaStart, context_id: str) -> None:
-    """Raise ``HandshakeRefused`` unless ``MEDIA_START`` may start the call of ``context_id``.
+def check_media_start(event: control.MediaStart, context_id: str) -> MediaFormat:
+    """The call's wire format, or ``HandshakeRefused`` unless ``MEDIA_START`` may start the
+    call of ``context_id``.
 
     Asterisk keeps a previous call's ``v()`` query on a later dial of the same section; the
     inheritable ``__RAPIDA_CONTEXT_ID`` in the channel variables tells such a call apart, and
     it is refused *without* claiming (using up) the URL's context.
     """
-    if event.format.lower() != "ulaw":
+    fmt = media_format(event.format)
+    if fmt is None:
         raise HandshakeRefused(
-            Refusal.UNSUPPORTED_FORMAT, f"format {event.format!r}: dial with c(ulaw)"
+            Refusal.UNSUPPORTED_FORMAT,
+            f"format {event.format[:20]!r}: dial with c(ulaw), c(alaw), c(slin16) "
+            f"or another slin rate ({len(MEDIA_FORMATS) - 2} from slin to slin192)",
         )
     claimed = event.channel_variables.get(CONTEXT_VARIABLE)
     if claimed is not None and claimed != context_id:
@@ -85,9 +90,10 @@ def check_media_start(event: control.MediaStart, context_id: str) -> None:
             f"URL ctx {context_id} but {CONTEXT_VARIABLE}={claimed[:40]!r} "
             "(a previous call's v() query left on the dial: Asterisk bug)",
         )
+    return fmt
 
 
 def frame_size_of(event: control.MediaStart, default: int = 160) -> int:
-    """The μ-law bytes per message Asterisk wants (``optimal_frame_size``), within reason."""
+    """The bytes per frame Asterisk wants (``optimal_frame_size``), within reason."""
     size = event.optimal_frame_size
     return size if 0 < size <= 8000 else default

@@ -1,10 +1,8 @@
 """chan_websocket server: one Autobahn WebSocket connection from Asterisk is one call leg.
 
-Asterisk's ``Dial(WebSocket/<section>/c(ulaw)f(json)v(ctx=<id>))`` connects to the URI of its
-``websocket_client.conf`` section with ``?ctx=<id>`` appended; other clients may put the id in
-the path (``.../ctx/<id>``).  This module only adapts Autobahn to the shared lifecycle
-(``rapida_tap.media.lifecycle``): the checks are in ``handshake``, the output framing in
-``framing``, the control messages in ``control``.  The life of a connection:
+This module only adapts Autobahn to the shared lifecycle (``rapida_tap.media.lifecycle``): the
+checks are in ``handshake``, the output framing in ``framing``, the formats in ``formats``, the
+control messages in ``control`` and ``commands``.  The life of a connection:
 
 1. Upgrade (``onConnect``): a refusal is an HTTP status, so ``Dial()`` fails at once.  The
    context is looked at, not claimed.  permessage-deflate is never negotiated.
@@ -16,18 +14,18 @@ the path (``.../ctx/<id>``).  This module only adapts Autobahn to the shared lif
 4. The end: Asterisk's close frame is a caller hangup at once (its TCP reset right after is
    normal); the daemon ends a call with ``HANGUP`` then close 1000.
 
-The pacer's silence ticks send nothing: Asterisk plays its own silence when its queue is
-empty, and silence frames would only delay the next words; ``lead_frames`` frames go ahead
-when speech starts, so Asterisk's 20 ms timer never finds the queue empty between our ticks.
+Audio is in the format ``MEDIA_START`` names, converted to the call's rate and back.  The
+pacer's silence ticks send nothing (Asterisk plays its own silence; ours would only delay the
+next words); ``lead_frames`` frames go ahead when speech starts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import interfaces
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,18 +33,20 @@ from zope.interface import implementer
 from rapida_tap import internals
 from rapida_tap.contexts import ContextStoreUnavailable
 from rapida_tap.interfaces import ICallLeg
-from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
+from rapida_tap.media.codec import RateMatch
 from rapida_tap.media.lifecycle import (
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
     ILegTransport,
     LegLifecycle,
     Phase,
+    StallWatch,
 )
 from rapida_tap.media.listener import peer_text
 from rapida_tap.reasons import EndReason, Refusal
 from rapida_tap.websocket import commands, control
 from rapida_tap.websocket.control import ControlError, ControlFormat
+from rapida_tap.websocket.formats import MediaFormat, chain, default_frame_size
 from rapida_tap.websocket.framing import MediaFramer, binary_frame
 from rapida_tap.websocket.handshake import (
     SUBPROTOCOL,
@@ -82,6 +82,11 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self.detail = ""
         self.lead_frames = 0
         self.xoff_count = 0
+        self.media_format: MediaFormat | None = None
+        self.sample_rate: int | None = None  # the wire's rate, from MEDIA_START
+        self._inbound: Callable[[bytes], bytes] | None = None  # wire -> call, once set up
+        self._outbound: Callable[[bytes], bytes] = bytes
+        self._odd = 0  # 1 for slin: a message of odd length splits a sample
         self._framer = MediaFramer()
         self._marks = commands.MarkTracker()
         self._mark_names: dict[str, str] = {}
@@ -166,7 +171,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         transport: Any = self.transport  # TCP, or TLS over TCP: both take producers
         try:
             transport.unregisterProducer()
-            transport.registerProducer(_StallWatch(self), True)
+            transport.registerProducer(StallWatch(self._lifecycle()), True)
         except (AttributeError, RuntimeError):  # a transport without producers
             return
 
@@ -183,8 +188,11 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
             if isBinary:
                 call = lifecycle.call
                 if call is not None:
-                    if payload:
-                        call.audio_received(ulaw_to_pcm(payload))  # the hot path
+                    if len(payload) & self._odd:
+                        lifecycle.protocol_error(f"{len(payload)}-byte message of 16-bit slin")
+                    elif payload:
+                        inbound = self._inbound or self._convert_for(call)
+                        call.audio_received(inbound(payload))  # the hot path
                 elif lifecycle.phase is Phase.AWAITING_ID:
                     lifecycle.protocol_error("binary message before MEDIA_START")
                 return  # audio while the context is being claimed is dropped
@@ -218,12 +226,21 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self.fmt = control.detect_format(text)
         self.media_start = event
         try:
-            check_media_start(event, lifecycle.context_id)
+            fmt = check_media_start(event, lifecycle.context_id)
         except HandshakeRefused as e:
             lifecycle.refuse(e.reason, e.detail, CLOSE_POLICY)
             return
-        self._framer = MediaFramer(frame_size_of(event))
-        self.detail = f" channel={event.channel} channel_id={event.channel_id} control={self.fmt}"
+        self.media_format = fmt
+        self.sample_rate = fmt.rate
+        self._odd = 1 if fmt.to_pcm is None else 0
+        size = frame_size_of(event, default_frame_size(fmt))
+        if fmt.to_pcm is None and size % 2:
+            size = default_frame_size(fmt)  # slin is 2 bytes a sample: never split one
+        self._framer = MediaFramer(size, fmt.silence)
+        self.detail = (
+            f" channel={event.channel} channel_id={event.channel_id} control={self.fmt}"
+            f" format={fmt.name}"
+        )
         lifecycle.identified(lifecycle.context_id)
 
     def _event(self, lifecycle: LegLifecycle, event: control.Event) -> None:
@@ -270,12 +287,25 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     def onPong(self, payload: bytes) -> None:
         self._lifecycle().heard()
 
+    def _convert_for(self, call: Call) -> Callable[[bytes], bytes]:
+        """Set up both directions between the wire format and the call's rate (once)."""
+        fmt = self.media_format
+        assert fmt is not None, "a call starts only after MEDIA_START"
+        match = RateMatch(fmt.rate, call.caller_rate_is(fmt.rate))
+        self._inbound = chain(fmt.to_pcm, match.to_call)
+        self._outbound = chain(match.to_wire, fmt.from_pcm)
+        return self._inbound
+
     # -- ICallLeg: the pacer and the call drive these -------------------------------------
 
     def send_audio(self, frame: bytes) -> bool:
         if not self._lifecycle().writable:
             return False
-        data = self._framer.push(pcm_to_ulaw(frame))
+        if self._inbound is None:
+            call = self.call
+            if call is not None:
+                self._convert_for(call)
+        data = self._framer.push(self._outbound(frame))
         if data:
             self._send_binary(data)
         return True
@@ -389,22 +419,6 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self._inbound, self._outbound = None, bytes  # the resamplers' native state
         if self.lifecycle is not None:
             self.lifecycle.connection_lost()
-
-
-@implementer(interfaces.IPushProducer)
-class _StallWatch:
-    """The transport's producer for one session: buffer full / drained / gone."""
-
-    def __init__(self, leg: MediaWebSocketProtocol) -> None:
-        self._lifecycle = leg._lifecycle()
-
-    def pauseProducing(self) -> None:
-        self._lifecycle.writes_paused()
-
-    def resumeProducing(self) -> None:
-        self._lifecycle.writes_resumed()
-
-    def stopProducing(self) -> None:
-        """The connection is going: ``connectionLost`` follows."""
