@@ -49,6 +49,9 @@ class Settings:
     ws_lead_frames: int = 3
     ring_timeout: float = 120.0
     ring_check_interval: float = 5.0
+    # call control (docs/call-control.md): dial string templates of transfer targets
+    transfer_endpoint: str = ""  # e.g. "PJSIP/{to}@my-trunk"; "" = number transfers refused
+    transfer_sip_endpoint: str = ""  # e.g. "PJSIP/my-trunk/{uri}"; "" = <Sip> refused
     # hostile peers (docs/operations.md, "Limits"): counts, seconds, bytes, per second
     max_pending_per_address: int = 256  # connections not yet identified, per client address
     accept_rate: float = 200.0  # new connections a second per client address, per listener...
@@ -90,6 +93,8 @@ SCALARS: dict[str, type] = {
     "ws_lead_frames": int,
     "ring_timeout": float,
     "ring_check_interval": float,
+    "transfer_endpoint": str,
+    "transfer_sip_endpoint": str,
     "max_pending_per_address": int,
     "accept_rate": float,
     "accept_burst": int,
@@ -153,6 +158,10 @@ def build_settings(
     from rapida_tap.assistants.config import parse_assistants  # it imports ConfigError
 
     parse_assistants(settings.assistants, settings.assistant, environ)
+    from rapida_tap.assistants.config import check_transfer_template
+
+    check_transfer_template(settings.transfer_endpoint, "transfer_endpoint")
+    check_transfer_template(settings.transfer_sip_endpoint, "transfer_sip_endpoint", sip=True)
     return settings
 
 

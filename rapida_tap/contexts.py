@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -95,14 +96,20 @@ class MemoryContextStore:
     """The embedded default: contexts of this process only.
 
     Expired and claimed ids are remembered for ``tombstone_ttl`` seconds so that a refusal
-    can say *why* (expired, reused) rather than just "unknown".
+    can say *why* (expired, reused) rather than just "unknown".  Call records are kept for
+    their TTL, at most ``max_records`` of them (the least recently written go first).
     """
 
-    def __init__(self, clock: IReactorTime, tombstone_ttl: float = 600.0) -> None:
+    def __init__(
+        self, clock: IReactorTime, tombstone_ttl: float = 600.0, max_records: int = 10000
+    ) -> None:
         self._clock = clock
         self._tombstone_ttl = tombstone_ttl
+        self._max_records = max_records
         self._live: dict[str, tuple[CallContext, IDelayedCall]] = {}
         self._tombstones: dict[str, tuple[type[ContextError], IDelayedCall]] = {}
+        self._records: dict[str, tuple[dict[str, str], IDelayedCall]] = {}
+        self._listeners: dict[str, Callable[[str], None]] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -136,14 +143,52 @@ class MemoryContextStore:
             self._bury(context_id, ContextExpired)
         return defer.succeed(None)
 
+    def update_call(
+        self, context_id: str, fields: Mapping[str, str], ttl: float
+    ) -> defer.Deferred[None]:
+        record, timer = self._records.pop(context_id, ({}, None))
+        if timer is not None and timer.active():
+            timer.cancel()
+        record.update(fields)
+        expiry = self._clock.callLater(ttl, self._records.pop, context_id, None)
+        self._records[context_id] = (record, expiry)
+        while len(self._records) > self._max_records:
+            self._records.pop(next(iter(self._records)))[1].cancel()
+        return defer.succeed(None)
+
+    def load_call(self, context_id: str) -> defer.Deferred[dict[str, str]]:
+        entry = self._records.get(context_id)
+        return defer.succeed(dict(entry[0]) if entry else {})
+
+    def claim_call_field(self, context_id: str, field: str, value: str) -> defer.Deferred[bool]:
+        entry = self._records.get(context_id)
+        if entry is None or field in entry[0]:
+            return defer.succeed(False)
+        entry[0][field] = value
+        return defer.succeed(True)
+
+    def publish(self, channel: str, message: str) -> defer.Deferred[int]:
+        handler = self._listeners.get(channel)
+        if handler is None:
+            return defer.succeed(0)
+        handler(message)
+        return defer.succeed(1)
+
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        self._listeners[channel] = handler
+
     def close(self) -> None:
         """Cancel every timer (service stop, tests)."""
         for _, timer in self._live.values():
             timer.cancel()
         for _, timer in self._tombstones.values():
             timer.cancel()
+        for _, timer in self._records.values():
+            if timer.active():
+                timer.cancel()
         self._live.clear()
         self._tombstones.clear()
+        self._records.clear()
 
     def _expire(self, context_id: str) -> None:
         del self._live[context_id]

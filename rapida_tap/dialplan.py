@@ -2,6 +2,10 @@
 
 Correct for real Asterisk (see protocols.md): the key travels in a header, the caller id is
 URI-encoded, CURL() has timeouts and failure codes, and the context id is checked by length.
+After the call it runs a bot's transfer (``docs/call-control.md``): ``…/next`` gives the
+``Dial()`` arguments or nothing, ``…/outcome`` reports ``DIALSTATUS`` and answers a new context
+id when the caller goes back to the bot; the ``h`` extension reports a transfer the caller
+hung up on.
 """
 
 from __future__ import annotations
@@ -28,10 +32,20 @@ exten => _X.,1,Answer()
  same => n,Set(CURLOPT(httpheader)=X-Api-Key: ${{RAPIDA_API_KEY}})
  same => n,Set(CTX=${{CURL(${{RAPIDA_URL}}/v1/talk/asterisk/call/${{ASSISTANT_ID}}?from=${{URIENCODE(${{CALLERID(num)}})}})}})
  same => n,GotoIf($[${{LEN(${{CTX}})}} != 36]?error)
- same => n,AudioSocket(${{CTX}},${{RAPIDA_AS_HOST}}:${{RAPIDA_PORT}})
- same => n,Hangup()
+ same => n(talk),AudioSocket(${{CTX}},${{RAPIDA_AS_HOST}}:${{RAPIDA_PORT}})
+ same => n,Set(NEXT=${{CURL(${{RAPIDA_URL}}/v1/talk/asterisk/call/${{CTX}}/next)}})
+ same => n,GotoIf($[${{LEN(${{NEXT}})}} = 0]?done)
+ same => n,Set(RAPIDA_DIALLING=${{CTX}})
+ same => n,Dial(${{NEXT}})
+ same => n,Set(RAPIDA_DIALLING=)
+ same => n,Set(CTX=${{CURL(${{RAPIDA_URL}}/v1/talk/asterisk/call/${{CTX}}/outcome?dialstatus=${{DIALSTATUS}})}})
+ same => n,GotoIf($[${{LEN(${{CTX}})}} = 36]?talk)
+ same => n(done),Hangup()
  same => n(error),Playback(an-error-has-occurred)
  same => n,Hangup()
+exten => h,1,GotoIf($[${{LEN(${{RAPIDA_DIALLING}})}} != 36]?end)
+ same => n,Set(OUTCOME=${{CURL(${{RAPIDA_URL}}/v1/talk/asterisk/call/${{RAPIDA_DIALLING}}/outcome?dialstatus=${{DIALSTATUS}})}})
+ same => n(end),NoOp()
 """
 
 

@@ -23,12 +23,19 @@ def default_template(trunk: str) -> str:
     return DEFAULT_WITH_TRUNK if trunk else DEFAULT_WITHOUT_TRUNK
 
 
-def check_template(template: str, trunk: str) -> None:
+def check_template(
+    template: str,
+    trunk: str,
+    placeholders: tuple[str, ...] = PLACEHOLDERS,
+    required: str = "to",
+    sample: str = "+4930123456",
+) -> None:
     """Raise ``ValueError`` (starting ``endpoint``) unless ``template`` is a usable dial string.
 
     Placeholders are ``{to}`` (required: the number), ``{trunk}`` (needs ``trunk``) and
     ``{technology}``; ``{{`` and ``}}`` are literal braces.  Conversions, format specs and
-    attribute or index look-ups are refused: a dial string has no use for them.
+    attribute or index look-ups are refused: a dial string has no use for them.  Transfer
+    templates pass their own ``placeholders``, ``required`` one and a ``sample`` value of it.
     """
     try:
         fields = list(string.Formatter().parse(template))
@@ -38,20 +45,21 @@ def check_template(template: str, trunk: str) -> None:
     for _, name, spec, conversion in fields:
         if name is None:
             continue
-        if name not in PLACEHOLDERS:
-            known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+        if name not in placeholders:
+            known = ", ".join("{" + p + "}" for p in placeholders)
             raise ValueError(
                 f"endpoint unknown placeholder {{{name}}} in {template!r} (known: {known})"
             )
         if spec or conversion:
             raise ValueError(f"endpoint {{{name}}} takes no format or conversion in {template!r}")
         names.add(name)
-    if "to" not in names:
-        raise ValueError(f"endpoint {template!r} must contain {{to}}, the number dialled")
+    if required not in names:
+        what = "the number dialled" if required == "to" else "the address dialled"
+        raise ValueError(f"endpoint {template!r} must contain {{{required}}}, {what}")
     if "trunk" in names and not trunk:
         raise ValueError(f"endpoint {template!r} uses {{trunk}}, but trunk is not set")
-    sample = render(template, technology="PJSIP", trunk=trunk, to="+4930123456")
-    if not _DIAL_STRING.fullmatch(sample):
+    values = {"technology": "PJSIP", "trunk": trunk, "to": "+4930123456", required: sample}
+    if not _DIAL_STRING.fullmatch(template.format(**values)):
         raise ValueError(
             f"endpoint {template!r} must be a dial string like PJSIP/{{to}}@{{trunk}} or "
             "Local/{to}@from-rapida, without spaces"

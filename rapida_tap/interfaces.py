@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable, Mapping
+
     from twisted.internet.defer import Deferred
 
     from rapida_tap.contexts import CallContext
@@ -43,6 +45,25 @@ class IContextStore(Interface):
 
     def discard(context_id: str) -> Deferred[None]:
         """Forget an unclaimed context (e.g. an outbound call that was never answered)."""
+
+    def update_call(context_id: str, fields: Mapping[str, str], ttl: float) -> Deferred[None]:
+        """Set ``fields`` of the call's record (created if missing); it lives ``ttl`` seconds.
+
+        The record outlives the context: it is how every node can answer for a call (its
+        status, the node holding its media, a transfer's target and outcome).
+        """
+
+    def load_call(context_id: str) -> Deferred[dict[str, str]]:
+        """Every field of the call's record; ``{}`` for an unknown or expired call."""
+
+    def claim_call_field(context_id: str, field: str, value: str) -> Deferred[bool]:
+        """Set ``field`` only if the record exists and lacks it: True for the one who set it."""
+
+    def publish(channel: str, message: str) -> Deferred[int]:
+        """Send ``message`` to ``channel``; fires with the number of listeners that got it."""
+
+    def listen(channel: str, handler: Callable[[str], None]) -> None:
+        """Call ``handler(message)`` for each message published to ``channel`` (any node)."""
 
 
 class ICallLeg(Interface):

@@ -8,7 +8,7 @@ recorded as it happens is per call (started/ended, from the bridge's hooks), per
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -254,6 +254,23 @@ class TimedContextStore:
 
     def discard(self, context_id: str) -> defer.Deferred[None]:
         return self._timed("discard", self.store.discard, context_id)
+
+    def update_call(
+        self, context_id: str, fields: Mapping[str, str], ttl: float
+    ) -> defer.Deferred[None]:
+        return self._timed("update", self.store.update_call, context_id, fields, ttl)
+
+    def load_call(self, context_id: str) -> defer.Deferred[dict[str, str]]:
+        return self._timed("load", self.store.load_call, context_id)
+
+    def claim_call_field(self, context_id: str, field: str, value: str) -> defer.Deferred[bool]:
+        return self._timed("update", self.store.claim_call_field, context_id, field, value)
+
+    def publish(self, channel: str, message: str) -> defer.Deferred[int]:
+        return self._timed("publish", self.store.publish, channel, message)
+
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        self.store.listen(channel, handler)
 
     def _timed(self, operation: str, method: Callable[..., Any], *args: Any) -> Any:
         started = self._clock.seconds()

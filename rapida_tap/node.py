@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from rapida_tap.admission import AUDIOSOCKET_ID_BYTES, AdmissionFactory, Descrip
 from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
+from rapida_tap.call_control import CallControl, TransferCollector, policies
 from rapida_tap.config import ConfigError, Settings
 from rapida_tap.contexts import MemoryContextStore
 from rapida_tap.dialplan import startup_dialplan
@@ -31,6 +33,7 @@ from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
 from rapida_tap.redis_store import RedisContextStore, RedisURLError
 from rapida_tap.services import BridgeService, ContextStoreService, NodeService, OutboundService
+from rapida_tap.web import twilio_calls
 from rapida_tap.web.admin import DrainResource
 from rapida_tap.web.auth import ApiKeys
 from rapida_tap.web.calls import CallsResource
@@ -38,6 +41,8 @@ from rapida_tap.web.guard import BodyLimits, GuardedSite
 from rapida_tap.web.health import HealthResource
 from rapida_tap.web.registration import RegistrationResource
 from rapida_tap.web.site import PathTree, make_site, mount
+from rapida_tap.web.transfer import TransferSteps
+from rapida_tap.web.twilio_calls import TwilioCallsResource
 from rapida_tap.websocket.factory import MediaWebSocketFactory
 from rapida_tap.websocket.resource import MediaWebSocketResource
 
@@ -109,7 +114,6 @@ class Daemon:
         self.root = PathTree()
         self.root.putChild(b"", Banner())
         mount(self.root, "v1/talk/asterisk/call", self.registration)
-        mount(self.root, "v1/talk/asterisk/calls", CallsResource(self.outbound, self.keys))
         mount(self.root, "healthz", self.health)
         self.websocket = MediaWebSocketFactory(
             LegListener(
@@ -129,6 +133,28 @@ class Daemon:
         mount(self.root, "admin/drain", DrainResource(self.drain, self.keys, on_drained))
         self.metrics = NodeMetrics(self.bridge)
         self.bridge.contexts = self.metrics.timed_store(self.contexts, reactor)
+        self.node_id = uuid.uuid4().hex[:16]
+        self.control = CallControl(
+            self.bridge,
+            node_id=self.node_id,
+            clock=reactor,
+            policy_of=policies(
+                parse_assistants(settings.assistants, settings.assistant, os.environ),
+                settings.transfer_endpoint,
+                settings.transfer_sip_endpoint,
+            ),
+            context_ttl=settings.context_ttl,
+        )
+        self.control.follow_outbound(self.outbound)
+        self.control.start()
+        self.registration.transfer_steps = TransferSteps(self.control, self.keys)
+        mount(
+            self.root,
+            "v1/talk/asterisk/calls",
+            CallsResource(self.outbound, self.keys, self.control),
+        )
+        mount(self.root, twilio_calls.PATH, TwilioCallsResource(self.control, self.keys))
+        self.metrics.add(TransferCollector(self.control))
         self.metrics.add(
             NodeCollector(
                 self.bridge,
@@ -156,7 +182,11 @@ class Daemon:
             self.root,
             head_timeout=settings.http_head_timeout,
             body_limits=BodyLimits(
-                {"/v1/talk/asterisk/calls": json_body, "/admin/drain": json_body}
+                {
+                    "/v1/talk/asterisk/calls": json_body,
+                    "/admin/drain": json_body,
+                    f"/{twilio_calls.PATH}": twilio_calls.MAX_FORM,
+                }
             ),
         )
         self.descriptors = DescriptorBudget()

@@ -104,6 +104,8 @@ class OutboundCalls:
         self._records = CallRecords(clock, max_ended=max_ended, retention=ended_retention)
         self._live = self._records.live
         self._pending: set[Deferred[Any]] = set()
+        #: called with a record after each change of its status (call control stores it)
+        self.changed: list[Callable[[OutboundCall], None]] = []
         bridge.call_started.append(self._call_started)
         bridge.call_ended.append(self._call_ended)
         for p in self.providers.values():
@@ -183,6 +185,7 @@ class OutboundCalls:
             created_at=now,
         )
         self._live[record.context_id] = record
+        self._changed(record)
         record.ring_timer = self._clock.callLater(self.ring_timeout, self._ring_timed_out, record)
         dialplan = provider.context if request.transport == AUDIOSOCKET else provider.ws_context
         try:
@@ -211,6 +214,7 @@ class OutboundCalls:
                 transport=record.transport,
                 dialplan=dialplan,
             )
+            self._changed(record)
             self._schedule_check(record)
         elif record.status == Status.ENDED and record.call is None:
             # Cancelled or timed out while the originate was under way.
@@ -236,6 +240,7 @@ class OutboundCalls:
         record.move(Status.CONNECTED)
         record.call = call
         record.connected_at = self._clock.seconds()
+        self._changed(record)
         self.log.info(
             "outbound call {ctx}: connected after {seconds:.1f}s",
             ctx=record.context_id,
@@ -322,6 +327,7 @@ class OutboundCalls:
                 record.move(Status.CONNECTED)
                 record.detail = "the media connected to another node"
                 self._records.retain(record)
+                self._changed(record)
             return False
         except ContextStoreUnavailable as e:
             self.log.warn(
@@ -341,6 +347,7 @@ class OutboundCalls:
         record.ended_at = self._clock.seconds()
         record.call = None
         self._records.retain(record)
+        self._changed(record)
         if log:
             self.log.info(
                 "outbound call {ctx} to {to} via {provider} ended: {reason} ({detail})",
@@ -371,6 +378,10 @@ class OutboundCalls:
             )
         record.call.end(EndReason.API_HANGUP, "hung up through the API")
         return record
+
+    def _changed(self, record: OutboundCall) -> None:
+        for hook in self.changed:
+            hook(record)
 
     def _hangup_quietly(self, record: OutboundCall, ari_reason: str) -> Deferred[Any]:
         """Hang the channel up, logging (not raising) a failure: Asterisk's own originate

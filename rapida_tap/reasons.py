@@ -24,6 +24,7 @@ class EndReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     DRAIN_TIMEOUT = "drain-timeout"
     API_HANGUP = "api-hangup"
+    TRANSFER = "transfer"  # the bot handed the caller to a dial target (docs/call-control.md)
 
 
 class Refusal(enum.StrEnum):

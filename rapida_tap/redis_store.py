@@ -7,10 +7,15 @@ that every call can fail with ``ContextStoreUnavailable``, always within ``comma
 Keys, per context id ``ID`` (the ``{ID}`` hash tag keeps both in one Redis Cluster slot):
 
 - ``<prefix>{ID}``: the context JSON, expiring after the context's TTL;
+- ``<prefix>{ID}:call``: the call's record (a hash: status, the node holding the media, a
+  transfer's target and outcome), kept after the call so that any node can answer for it;
 - ``<prefix>{ID}:state``: a tombstone, ``live`` while minted, then ``claimed`` or ``discarded``,
   expiring ``tombstone_ttl`` after the context's end.  It is what lets a refusal say *why*:
   ``claimed`` -> ``ContextReused``; ``live`` with the context gone (expired) or ``discarded`` ->
   ``ContextExpired``; no tombstone -> ``ContextUnknown``.  It also stops an id being minted twice.
+
+Nodes also talk to each other through Redis pub/sub (``publish``/``listen``), on a connection of
+their own: a subscribed Redis connection can run no other command.
 
 Mint, claim and discard are Lua scripts, so each is atomic: two nodes racing to claim one id
 get one context and one ``ContextReused``.  A claim that times out after Redis ran it has
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -69,6 +74,17 @@ if redis.call('DEL', KEYS[1]) == 1 then
   redis.call('SET', KEYS[2], 'discarded', 'PX', ARGV[1])
 end
 return 0
+"""
+
+_UPDATE_CALL = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 0
+"""
+
+_CLAIM_CALL_FIELD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """
 
 _REFUSAL: dict[bytes, type[ContextError]] = {
@@ -191,6 +207,8 @@ class RedisContextStore:
         self._error = "not started"
         self._connect_error = ""
         self.stats: dict[str, float] = {"commands": 0, "errors": 0, "last_latency_ms": 0.0}
+        self._listeners: dict[str, Callable[[str], None]] = {}
+        self._subscriber: Any = None
 
     @property
     def healthy(self) -> bool:
@@ -233,6 +251,8 @@ class RedisContextStore:
         self._factory = factory
         self._redis = factory.handler
         self._health.start(self._health_interval, now=False)
+        if self._listeners:
+            self._subscribe()
         self.log.info("context store: {address}", address=str(a))
 
     def stop(self) -> defer.Deferred[None]:
@@ -245,10 +265,13 @@ class RedisContextStore:
         for pending in list(self._pending):
             pending.cancel()
         factory, self._factory, self._redis = self._factory, None, None
-        if factory is None:
-            return defer.succeed(None)
-        d: defer.Deferred[Any] = factory.disconnect()
-        return d.addCallback(lambda _: None)
+        subscriber, self._subscriber = self._subscriber, None
+        waits: list[defer.Deferred[Any]] = []
+        if subscriber is not None:
+            waits.append(subscriber.disconnect())
+        if factory is not None:
+            waits.append(factory.disconnect())
+        return defer.gatherResults(waits).addCallback(lambda _: None)
 
     def mint(self, context: CallContext, ttl: float) -> defer.Deferred[str]:
         cid = context.context_id
@@ -287,6 +310,57 @@ class RedisContextStore:
             "discard", lambda r: r.eval(_DISCARD, keys, [self._tombstone_ms]), context_id
         )
         return d.addCallback(lambda _: None)
+
+    def update_call(
+        self, context_id: str, fields: Mapping[str, str], ttl: float
+    ) -> defer.Deferred[None]:
+        args: list[Any] = [_ms(ttl)]
+        for name, value in fields.items():
+            args += [name, value]
+        key = self._call_key(context_id)
+        d = self._command("update", lambda r: r.eval(_UPDATE_CALL, [key], args), context_id)
+        return d.addCallback(lambda _: None)
+
+    def load_call(self, context_id: str) -> defer.Deferred[dict[str, str]]:
+        key = self._call_key(context_id)
+        d = self._command("load", lambda r: r.hgetall(key), context_id)
+
+        def decoded(reply: Any) -> dict[str, str]:
+            return {_text(name): _text(value) for name, value in (reply or {}).items()}
+
+        return d.addCallback(decoded)
+
+    def claim_call_field(self, context_id: str, field: str, value: str) -> defer.Deferred[bool]:
+        key = self._call_key(context_id)
+        d = self._command(
+            "update", lambda r: r.eval(_CLAIM_CALL_FIELD, [key], [field, value]), context_id
+        )
+        return d.addCallback(lambda n: int(n) == 1)
+
+    def publish(self, channel: str, message: str) -> defer.Deferred[int]:
+        d = self._command("publish", lambda r: r.publish(channel, message))
+        return d.addCallback(int)
+
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Subscribe on the store's subscriber connection (re-subscribed after reconnects)."""
+        self._listeners[channel] = handler
+        if self._factory is not None and self._subscriber is None:
+            self._subscribe()
+
+    def _subscribe(self) -> None:
+        a = self.address
+        factory = _SubscriberFactory(a, self._listeners)
+        factory.initialDelay = self.reconnect_initial_delay
+        factory.maxDelay = self.reconnect_max_delay
+        endpoint = HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._connect_timeout)
+        factory.deferred.addErrback(
+            lambda f: self.log.warn("context store: subscriber: {e}", e=f.getErrorMessage())
+        )
+        factory.startConnecting(endpoint)
+        self._subscriber = factory
+
+    def _call_key(self, context_id: str) -> str:
+        return f"{self._prefix}{{{context_id}}}:call"
 
     def _keys(self, context_id: str) -> list[str]:
         live = f"{self._prefix}{{{context_id}}}"
@@ -386,6 +460,58 @@ class RedisContextStore:
         """Authentication or SELECT failed: txredisapi stops retrying for good."""
         self._connect_error = f"{failure.getErrorMessage()}; not retrying"
         self._set_health(False, f"redis: {self._connect_error}")
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    """Subscribes to the factory's channels once connected (again after each reconnect)."""
+
+    factory: _SubscriberFactory
+    log = Logger()
+
+    def connectionMade(self) -> Any:
+        d: defer.Deferred[Any] = defer.maybeDeferred(super().connectionMade)
+
+        def ready(_: Any) -> Any:
+            if self.connected and self.factory.listeners:
+                return self.subscribe(list(self.factory.listeners))
+            return None
+
+        d.addCallback(ready)
+        d.addErrback(
+            lambda f: self.log.warn("context store: subscribe failed: {e}", e=f.getErrorMessage())
+        )
+        return d
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        handler = self.factory.listeners.get(_text(channel))
+        if handler is None:
+            return
+        try:
+            handler(_text(message))
+        except Exception:
+            self.log.failure("context store: a message handler failed")
+
+
+class _SubscriberFactory(txredisapi.RedisFactory):  # type: ignore[misc]
+    protocol = _Subscriber
+
+    def __init__(self, address: RedisAddress, listeners: dict[str, Callable[[str], None]]):
+        super().__init__(
+            uuid.uuid4().hex,
+            None,
+            1,
+            isLazy=True,
+            charset=None,
+            password=address.password,
+            username=address.username,
+            replyTimeout=None,
+            convertNumbers=False,
+        )
+        self.listeners = listeners
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @implementer(IStreamClientEndpoint)

@@ -2,9 +2,11 @@
 
 Written as a Pipecat user writes a telephony bot: a FastAPI WebSocket route,
 ``parse_telephony_websocket``, the serializer of ``--dialect`` (Twilio by default; Telnyx,
-Plivo or Exotel, each as Pipecat's examples build it, ``auto_hang_up=False``: the daemon offers
-no provider REST API), ``FastAPIWebsocketTransport``, a ``PipelineWorker`` run by a
-``WorkerRunner``.  The pipeline runs at ``--rate`` (8 kHz by default); the Exotel serializer
+Plivo or Exotel, each as Pipecat's examples build it, ``auto_hang_up=False``),
+``FastAPIWebsocketTransport``, a ``PipelineWorker`` run by a ``WorkerRunner``.  With
+``--base-url`` the Twilio serializer keeps Pipecat's default ``auto_hang_up=True`` and hangs up
+through the daemon's Twilio-compatible Calls resource (``--account-sid``, ``--auth-token``: the
+daemon's API key).  The pipeline runs at ``--rate`` (8 kHz by default); the Exotel serializer
 carries PCM16 at that rate too, so ``--dialect exotel --rate 16000`` is a wideband bot.
 One processor stands in for the STT/LLM/TTS chain:
 
@@ -83,10 +85,20 @@ def tone_frames(ms: int, rate: int = RATE) -> list[OutputAudioRawFrame]:
     ]
 
 
-def serializer_for(dialect: str, call_data: Any, rate: int) -> FrameSerializer:
+def serializer_for(
+    dialect: str, call_data: Any, rate: int, options: argparse.Namespace
+) -> FrameSerializer:
     """The serializer of ``dialect``, built from what ``parse_telephony_websocket`` found."""
     stream_id = call_data.stream_id or ""
     call_id = call_data.call_id or ""
+    if dialect == "twilio" and options.base_url:
+        return TwilioFrameSerializer(  # Pipecat's defaults: auto_hang_up=True
+            stream_sid=stream_id,
+            call_sid=call_id,
+            account_sid=options.account_sid,
+            auth_token=options.auth_token,
+            base_url=options.base_url,
+        )
     if dialect == "telnyx":
         encoding = call_data.outbound_encoding or "PCMU"
         return TelnyxFrameSerializer(
@@ -176,7 +188,7 @@ async def run_call(websocket: WebSocket, options: argparse.Namespace) -> None:
         from_number=call_data.from_number,
         body=call_data.body,
     )
-    serializer = serializer_for(options.dialect, call_data, options.rate)
+    serializer = serializer_for(options.dialect, call_data, options.rate, options)
     transport_options: dict[str, Any] = {}
     if options.end_silence is not None:
         transport_options["audio_out_end_silence_secs"] = options.end_silence
@@ -252,6 +264,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-ms", type=int, help="audio sent per message, ms (10 times audio_out_10ms_chunks)"
     )
+    parser.add_argument(
+        "--base-url", help="hang up through this Twilio-compatible REST API (auto_hang_up)"
+    )
+    parser.add_argument("--account-sid", default="rapida-asterisk", help="with --base-url")
+    parser.add_argument("--auth-token", help="with --base-url: the daemon's API key")
     parser.add_argument("--log-level", default="WARNING", help="Pipecat's log (stderr)")
     return parser.parse_args(argv)
 

@@ -28,7 +28,35 @@ def test_dialplans_avoid_what_real_asterisk_rejects_or_runs_unsafely() -> None:
         if "CURL(" in text:
             assert "LEN(${CTX})} != 36" in text, path
             assert "CURLOPT(httptimeout)" in text, path
-            assert "URIENCODE(${CALLERID(num)})" in text, path
+        for line in text.splitlines():
+            if "/v1/talk/asterisk/call/${ASSISTANT_ID}" in line:
+                assert "from=${URIENCODE(${CALLERID(num)})}" in line, (path, line)
+
+
+def test_every_dialplan_line_belongs_to_a_context() -> None:
+    """Asterisk refuses a setting before the first [category] ("No category context")."""
+    for path in ETC.glob("extensions*.conf"):
+        category = None
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            text = line.split(";", 1)[0].strip()
+            if text.startswith("["):
+                category = text
+            elif text:
+                assert category is not None, f"{path.name}:{number}: {line!r} before any [context]"
+
+
+def test_every_dialplan_runs_the_transfer_steps_after_the_call() -> None:
+    """After the media leg: ask …/next, dial it, report …/outcome, back to the bot on a new
+    context id; the h extension reports a transfer the caller hung up on."""
+    for path in ETC.glob("extensions*.conf"):
+        text = "\n".join(line.split(";", 1)[0] for line in path.read_text().splitlines())
+        legs = text.count("(talk),")
+        assert legs >= 1, path
+        assert text.count("/v1/talk/asterisk/call/${CTX}/next)") == legs, path
+        assert text.count(" same => n,Dial(${NEXT})") == legs, path
+        assert text.count("/outcome?dialstatus=${DIALSTATUS})") == 2 * legs, path
+        assert text.count("GotoIf($[${LEN(${CTX})} = 36]?talk)") == legs, path
+        assert text.count("exten => h,1,GotoIf($[${LEN(${RAPIDA_DIALLING})} != 36]?end)") == legs
 
 
 def test_sample_config_is_valid() -> None:

@@ -595,12 +595,14 @@ def dialplan_sections(text: str) -> dict[str, list[str]]:
 def test_outbound_dialplan_is_what_real_asterisk_needs() -> None:
     sections = dialplan_sections((ETC / "extensions-outbound.conf").read_text())
     assert list(sections) == [PROVIDER.context]  # the WebSocket one lives in its own file
-    lines = sections[PROVIDER.context]
+    all_lines = sections[PROVIDER.context]
+    h = next(i for i, line in enumerate(all_lines) if line.startswith("exten => h,1,"))
+    lines, after = all_lines[:h], all_lines[h:]  # the h extension reports a transfer's outcome
     first = re.fullmatch(r"exten => s,1,(\w+)\((.*)\)", lines[0])
     assert first is not None, lines[0]  # ARI originates to extension s, priority 1
     apps = [first.group(1)]
     labels = set()
-    for line in lines[1:]:
+    for line in lines[1:] + after[1:]:
         m = re.fullmatch(r" same => n(?:\((\w+)\))?,(\w+)\((.*)\)", line)
         assert m is not None, line
         assert m.group(3).count("(") == m.group(3).count(")"), line
@@ -609,12 +611,13 @@ def test_outbound_dialplan_is_what_real_asterisk_needs() -> None:
             labels.add(m.group(1))
         apps.append(m.group(2))
     text = "\n".join(lines)
-    check = "GotoIf($[${LEN(${RAPIDA_CONTEXT_ID})} != 36]?error)"
-    audiosocket = "AudioSocket(${RAPIDA_CONTEXT_ID},${RAPIDA_AS_HOST}:${RAPIDA_PORT})"
+    check = "GotoIf($[${LEN(${CTX})} != 36]?error)"
+    audiosocket = "(talk),AudioSocket(${CTX},${RAPIDA_AS_HOST}:${RAPIDA_PORT})"
+    assert "Set(CTX=${RAPIDA_CONTEXT_ID})" in text
     assert check in text and audiosocket in text
     assert text.index("Answer()") < text.index(check) < text.index(audiosocket)
-    assert labels == {"error"}
-    assert apps[-1] == "Hangup"
+    assert labels == {"error", "talk", "done", "end"}
+    assert apps[-1] == "NoOp" and "Hangup" in apps
     assert "CHANNEL(audio" not in text
 
 

@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import LogLevel, eventAsText
 from twisted.trial import unittest
 
+from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.upstream import stream_sids
 from rapida_tap.media.codec import pcm_to_ulaw, ulaw_to_pcm
 from rapida_tap.reasons import EndReason
@@ -28,7 +29,7 @@ from tests.pipecat_process import (
     bot_python,
     start_pipecat_bot,
 )
-from tests.support import capture_logs, start_daemon, tone, wait_until
+from tests.support import API_KEY, capture_logs, start_daemon, tone, wait_until
 
 ASSISTANT_HANGUP, CALLER_HANGUP = EndReason.ASSISTANT_HANGUP, EndReason.CALLER_HANGUP
 ASSISTANT = "pipecat"
@@ -200,6 +201,55 @@ class PipecatCallTests:
         finished = yield bot.wait_for("finished", call_sid)
         self.assertEqual(finished["frame"], "EndFrame")
         yield bot.wait_for("ended", call_sid)
+
+    # -- hanging up through the Calls resource (auto_hang_up=True, base_url set) ---------
+
+    @defer.inlineCallbacks
+    def call_with_hang_up_api(self, mode: str, *options: str) -> Any:
+        """As ``call``, the bot on Pipecat's defaults with only ``base_url`` (and credentials)
+        set: the daemon starts first, so the bot can be told its URL."""
+        daemon = start_daemon(self, assistants={ASSISTANT: {"url": "ws://127.0.0.1:9/ws"}})
+        daemon.bridge.call_ended.append(
+            lambda call: self.ended.append((call.end_reason, call.end_detail))
+        )
+        base_url = f"http://127.0.0.1:{daemon.http_port}"
+        bot: PipecatBotProcess = yield start_pipecat_bot(
+            self,
+            mode,
+            "--base-url",
+            base_url,
+            "--auth-token",
+            API_KEY,
+            "--log-level",
+            "DEBUG",
+            *options,
+        )
+        spec = parse_assistants({ASSISTANT: {"url": bot.url}}, "", {})
+        daemon.bridge.assistants = build_registry(spec, reactor)
+        caller: Caller = yield self.connect_caller(daemon, ASSISTANT)
+        self.addCleanup(self.hang_up, caller)
+        call_sid = stream_sids(caller.ctx)[1]
+        yield bot.wait_for("ready", call_sid)
+        return bot, daemon, caller, call_sid
+
+    @defer.inlineCallbacks
+    def test_a_bot_with_auto_hang_up_hangs_up_through_the_calls_resource(self) -> Any:
+        bot, _daemon, caller, call_sid = yield self.call_with_hang_up_api(
+            "hangup-after", "--goodbye-ms", "600"
+        )
+        caller.talk()
+        yield bot.wait_for("hangup", call_sid)
+        yield within(caller.closed, 20, "the daemon hangs up after the bot")
+        yield bot.wait_for("ended", call_sid)
+        self.assertIn(f"Successfully terminated Twilio call {call_sid}", bot.log_tail(20000))
+        self.assertNotIn("Failed to terminate", bot.log_tail(20000))
+        self.assertEqual(caller.daemon_hangup(), caller.expected_hangup())
+        self.assertEqual(self.reasons(), [ASSISTANT_HANGUP])
+        self.assertIn(
+            self.ended[0][1], ("hung up through the Calls API", "bot closed the stream (1000)")
+        )
+        self.assertIn(f"Calls API: {call_sid} hang-up", self.logs.text())
+        self.assert_log_clean()
 
     @defer.inlineCallbacks
     def test_a_caller_hangup_stops_the_bot(self) -> Any:

@@ -152,6 +152,13 @@ def test_provider_endpoint_template_with_an_unknown_placeholder(tmp_path: Path) 
     assert "{number}" in line
 
 
+def test_transfer_template_without_its_placeholder(tmp_path: Path) -> None:
+    config = write(tmp_path / "r.toml", 'transfer_endpoint = "PJSIP/agents@trunk"\n')
+    result = run_daemon(tmp_path, f"--config={config}")
+    line = assert_one_line(result, "rapida-asterisk: transfer_endpoint: endpoint")
+    assert "must contain {to}" in line
+
+
 def test_assistant_with_a_bad_url(tmp_path: Path) -> None:
     config = write(tmp_path / "r.toml", '[assistants."123456789"]\nurl = "http://bot.example"\n')
     result = run_daemon(tmp_path, f"--config={config}")

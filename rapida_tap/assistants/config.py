@@ -17,6 +17,7 @@ from rapida_tap.assistants.dialects.base import MULAW
 from rapida_tap.assistants.echo import EchoAssistant
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.config import ConfigError
+from rapida_tap.dialstring import check_template
 from rapida_tap.interfaces import IAssistant
 
 ECHO = "echo"
@@ -24,6 +25,7 @@ DEFAULT_KEY = "default"
 ON_FAILURE = ("hangup", "continue")
 # What registration accepts as an assistant id: an id outside it could never be called.
 ASSISTANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+ACCOUNT_SID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # Headers the WebSocket client itself owns; a configured one would break the handshake.
 RESERVED_HEADERS = frozenset(
@@ -43,6 +45,9 @@ BOT_OPTIONS = frozenset(
         "on_failure",
         "ca_file",
         "account_sid",
+        "transfer_endpoint",
+        "transfer_sip_endpoint",
+        "transfer_fallback",
         "protocol",
         "encoding",
         "sample_rate",
@@ -70,6 +75,9 @@ class BotSpec:
     on_failure: str = "hangup"
     ca_file: str | None = None
     account_sid: str = "rapida-asterisk"
+    transfer_endpoint: str = ""  # "" = the top-level setting (docs/call-control.md)
+    transfer_sip_endpoint: str = ""
+    transfer_fallback: bool = True
     protocol: str = DEFAULT_PROTOCOL
     audio: AudioFormat = TWILIO_AUDIO
 
@@ -210,8 +218,15 @@ def parse_spec(options: Mapping[str, Any], environ: Mapping[str, str], where: st
         except OSError as e:
             raise ConfigError(f"{where}.ca_file: cannot read {ca_file}: {e.strerror}") from None
     account_sid = options.get("account_sid", "rapida-asterisk")
-    if not isinstance(account_sid, str) or not account_sid:
-        raise ConfigError(f"{where}.account_sid: must be a non-empty string")
+    if not isinstance(account_sid, str) or not ACCOUNT_SID.fullmatch(account_sid):
+        raise ConfigError(f"{where}.account_sid: 1-64 of [A-Za-z0-9._-] (it is part of a URL)")
+    transfer_endpoint = options.get("transfer_endpoint", "")
+    check_transfer_template(transfer_endpoint, f"{where}.transfer_endpoint")
+    transfer_sip_endpoint = options.get("transfer_sip_endpoint", "")
+    check_transfer_template(transfer_sip_endpoint, f"{where}.transfer_sip_endpoint", sip=True)
+    fallback = options.get("transfer_fallback", True)
+    if not isinstance(fallback, bool):
+        raise ConfigError(f"{where}.transfer_fallback: must be true or false")
     protocol = options.get("protocol", DEFAULT_PROTOCOL)
     if protocol not in DIALECTS:
         known = ", ".join(f"{name!r}" for name in DIALECTS)
@@ -224,9 +239,27 @@ def parse_spec(options: Mapping[str, Any], environ: Mapping[str, str], where: st
         on_failure=on_failure,
         ca_file=ca_file,
         account_sid=account_sid,
+        transfer_endpoint=transfer_endpoint,
+        transfer_sip_endpoint=transfer_sip_endpoint,
+        transfer_fallback=fallback,
         protocol=protocol,
         audio=_audio_format(options, protocol, where),
     )
+
+
+def check_transfer_template(template: object, where: str, sip: bool = False) -> None:
+    """A transfer target template: ``{to}`` (a number) or, with ``sip``, ``{uri}``; "" = none."""
+    if not isinstance(template, str):
+        raise ConfigError(f"{where}: must be a dial string template")
+    if not template:
+        return
+    try:
+        if sip:
+            check_template(template, "", ("uri",), "uri", "sip:alice@pbx.example.com")
+        else:
+            check_template(template, "", ("to",), "to")
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _audio_format(options: Mapping[str, Any], protocol: str, where: str) -> AudioFormat:

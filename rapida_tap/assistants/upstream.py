@@ -10,11 +10,10 @@ socket (it is given ``send`` and ``close`` callables), so tests drive it on a ``
 from __future__ import annotations
 
 import collections
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -29,7 +28,7 @@ from rapida_tap.assistants.mediastreams import (
     StreamProtocolError,
 )
 from rapida_tap.interfaces import IAssistantSession
-from rapida_tap.media.audio import FRAME_SECONDS
+from rapida_tap.media.playout import end_after_playout
 from rapida_tap.reasons import EndReason
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,8 +39,6 @@ MAX_MESSAGE_BYTES = 1_048_576
 # Close codes that mean "the bot ended the call"; any other code, or no close handshake at
 # all, means it failed.
 CLEAN_CLOSE_CODES = frozenset({1000, 1001, 1005})
-# After the bot hangs up, its audio still queued gets this long beyond its own length to play.
-DRAIN_SLACK = 2.0
 
 
 class UpstreamError(Exception):
@@ -125,9 +122,6 @@ class UpstreamSession:
         self.closed = False
         self._clearing = False
         self._pending: collections.Counter[str] = collections.Counter()
-        self._drain_mark = f"\0rapida-drain-{uuid.uuid4().hex}"
-        self._drain_timer: IDelayedCall | None = None
-        self._hangup_detail = ""
         self.bad_messages = 0
         self.other_events = 0
         self.dropped_messages = 0  # written while the bot's socket was closing
@@ -153,9 +147,6 @@ class UpstreamSession:
             self._write(self.dialect.dtmf(digit))
 
     def mark_played(self, name: str) -> None:
-        if name == self._drain_mark:
-            self._drained()
-            return
         if not self._pending[name]:
             return  # not a mark the bot is waiting for (settled already)
         self._pending[name] -= 1
@@ -167,7 +158,6 @@ class UpstreamSession:
         if self.closed:
             return
         self.closed = True
-        self._cancel_drain()
         if self.bot_open:
             self.bot_open = False
             stop = self.dialect.stop()
@@ -223,7 +213,7 @@ class UpstreamSession:
         """The bot's WebSocket ended.
 
         A clean close (1000, 1001, no code) is the bot hanging up: the audio it already sent
-        plays out first (at most its own length plus ``DRAIN_SLACK`` seconds), then the call
+        plays out first (at most its own length plus ``playout.DRAIN_SLACK`` seconds), then the call
         ends as ``assistant-hangup``, which stays its reason if the caller hangs up meanwhile.
         Anything else ends the call at once as a failure (``on_failure`` decides the reason).
         """
@@ -234,29 +224,14 @@ class UpstreamSession:
             return
         said = f" {reason!r}" if reason else ""
         if clean and (code is None or code in CLEAN_CLOSE_CODES):
-            self._hangup_detail = f"bot closed the stream ({code or 'no code'}{said})"
-            self.call.ending(EndReason.ASSISTANT_HANGUP, self._hangup_detail)
-            queued = self.call.queued_frames + 1
-            self._drain_timer = self._clock.callLater(
-                queued * FRAME_SECONDS + DRAIN_SLACK, self._drained
-            )
-            self.call.mark(self._drain_mark)  # played at once when nothing is queued
+            detail = f"bot closed the stream ({code or 'no code'}{said})"
+            end_after_playout(self.call, self._clock, EndReason.ASSISTANT_HANGUP, detail)
             return
         if clean:
             detail = f"bot {self.spec.name} closed with code {code}{said}"
         else:
             detail = f"bot {self.spec.name} connection lost: {reason or 'no close handshake'}"
         end_for_failure(self.call, self.spec, detail)
-
-    def _drained(self) -> None:
-        self._cancel_drain()
-        if not self.closed:
-            self.call.hangup(EndReason.ASSISTANT_HANGUP, self._hangup_detail)
-
-    def _cancel_drain(self) -> None:
-        timer, self._drain_timer = self._drain_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
 
 
 def end_for_failure(call: Call, spec: BotSpec, detail: str) -> None:

@@ -77,6 +77,8 @@ class Call:
         self._queued = 0  # frames ever queued (mark positions count in these)
         self._sent = 0  # queued frames handed to the leg (taken or dropped)
         self._marks: collections.deque[tuple[int, str]] = collections.deque()
+        self._playout: dict[str, defer.Deferred[None]] = {}  # private marks: after_playout
+        self._playout_count = 0
         self._playing = False
         self._gap_open = False
         self._cushion = 0  # frames kept in hand for a source that lands near our tick
@@ -216,6 +218,18 @@ class Call:
         """The assistant ends the call."""
         self.end(reason, detail)
 
+    def after_playout(self) -> defer.Deferred[None]:
+        """Fires once the caller heard everything queued so far (at once when nothing is).
+
+        A private mark: the session never sees it.  Never fires if the call ends first.
+        """
+        self._playout_count += 1
+        name = f"\0rapida-playout-{self._playout_count}"
+        d: defer.Deferred[None] = defer.Deferred()
+        self._playout[name] = d
+        self.mark(name)
+        return d
+
     # -- the transport side --------------------------------------------------------------
 
     def audio_received(self, pcm: bytes) -> None:
@@ -235,6 +249,10 @@ class Call:
 
     def mark_played(self, name: str) -> None:
         """The leg reports that the caller heard everything before mark ``name``."""
+        waiter = self._playout.pop(name, None)
+        if waiter is not None:
+            waiter.callback(None)
+            return
         if self.session is not None and self.end_reason is None:
             self._guard(self.session.mark_played, name)
 
@@ -399,6 +417,7 @@ class Call:
         self._idle_timer = None
         self._queue.clear()
         self._marks.clear()
+        self._playout.clear()
         self._partial = b""
         session, self.session = self.session, None
         if session is not None:

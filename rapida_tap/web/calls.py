@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from rapida_tap import ari
+from rapida_tap.call_control import CallControl, CallNotFound, ControlUnavailable
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.outbound_call import (
     CallElsewhere,
@@ -86,10 +87,13 @@ class CallsResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, outbound: OutboundCalls, keys: ApiKeys) -> None:
+    def __init__(
+        self, outbound: OutboundCalls, keys: ApiKeys, control: CallControl | None = None
+    ) -> None:
         super().__init__()
         self._outbound = outbound
         self._keys = keys
+        self._control = control
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"cache-control", b"no-store")
@@ -122,13 +126,51 @@ class CallsResource(Resource):
             try:
                 call = self._outbound.get(context_id)
             except OutboundError as e:
-                raise _api_error(e) from None
+                if self._control is None:
+                    raise _api_error(e) from None
+                return self._elsewhere(request, context_id, None)
+            if call.call is None and call.status in ("ringing", "connected") and self._control:
+                return self._elsewhere(request, context_id, call)
             return self._json(request, http.OK, call.to_json())
         if method == b"DELETE":
             d = self._outbound.hangup(context_id)
+            if self._control is not None:
+                d.addErrback(self._hangup_elsewhere, context_id)
             return self._respond(request, d, http.OK)
         request.setHeader(b"allow", b"GET, DELETE")
         raise ApiError(http.NOT_ALLOWED, "method_not_allowed", "use GET or DELETE here")
+
+    def _elsewhere(self, request: Request, context_id: str, local: OutboundCall | None) -> int:
+        """Answer from the shared store for a call this node does not follow (any node)."""
+        assert self._control is not None
+        d = Deferred.fromCoroutine(self._control.outbound_status(context_id))
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(CallNotFound, ControlUnavailable) and local is not None:
+                return local
+            if failure.check(CallNotFound):
+                raise UnknownCall(f"no outbound call {context_id}")
+            if failure.check(ControlUnavailable):
+                raise Unavailable(failure.getErrorMessage())
+            return failure
+
+        d.addErrback(failed)
+        return self._respond(request, d, http.OK)
+
+    def _hangup_elsewhere(self, failure: Failure, context_id: str) -> Any:
+        """DELETE of a call this node did not place, or whose media is on another node."""
+        failure.trap(UnknownCall, CallElsewhere)
+        assert self._control is not None
+        d = Deferred.fromCoroutine(self._control.hangup_for_api(context_id))
+
+        def failed(f: Failure) -> Any:
+            if f.check(CallNotFound):
+                return failure
+            if f.check(ControlUnavailable):
+                raise Unavailable(f.getErrorMessage())
+            return f
+
+        return d.addErrback(failed)
 
     def _place(self, request: Request) -> bytes | int:
         content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -152,8 +194,11 @@ class CallsResource(Resource):
         d = self._outbound.place(call_request)
         return self._respond(request, d, http.CREATED)
 
-    def _respond(self, request: Request, d: Deferred[OutboundCall], status: int) -> int:
-        def done(call: OutboundCall) -> None:
+    def _respond(self, request: Request, d: Deferred[Any], status: int) -> int:
+        def done(call: OutboundCall | dict[str, Any]) -> None:
+            if isinstance(call, dict):  # a call followed by another node, from the store
+                self._finish(request, status, call)
+                return
             if status == http.CREATED:
                 request.setHeader(b"location", f"/{PATH}/{call.context_id}".encode("ascii"))
             self._finish(request, status, call.to_json())

@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.bridge import MediaBridge
     from rapida_tap.ratelimit import RateLimiter
     from rapida_tap.web.auth import ApiKeys
+    from rapida_tap.web.transfer import TransferSteps
 
+STEPS = (b"next", b"outcome")  # what may follow a context id: rapida_tap.web.transfer
 ASSISTANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CALLER = re.compile(r"[A-Za-z0-9+*#\-_. ]{0,64}")
 MAX_QUERY = 2048
@@ -90,6 +92,8 @@ class RegistrationResource(Resource):
         self._ttl = context_ttl
         self.check_assistants = check_assistants
         self.replies: dict[int, int] = {}
+        #: ``{ctx}/next`` and ``{ctx}/outcome`` (``rapida_tap.web.transfer``), when set
+        self.transfer_steps: TransferSteps | None = None
         self._limited_since_log = 0
         self._limited_logged_at = float("-inf")
 
@@ -107,6 +111,8 @@ class RegistrationResource(Resource):
         path = request.postpath or []
         if not path or not path[0]:
             return self._refuse(request, http.NOT_FOUND, "no assistant id in the path")
+        if len(path) == 2 and path[1] in STEPS and self.transfer_steps is not None:
+            return self.transfer_steps.render(request, path[0].decode("latin-1"), path[1])
         if len(path) > 1:
             return self._refuse(
                 request,
