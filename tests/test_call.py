@@ -485,3 +485,26 @@ class CushionTests(SynchronousTestCase):
         self.run_source(0.0, [0.0], 300)
         self.assertGreaterEqual(self.call.trimmed_frames, 3)
         self.assertLessEqual(self.call.queued_frames, 2)
+
+
+class RealTimeBacklogTests(SynchronousTestCase):
+    def test_a_real_time_source_queues_at_most_a_second(self) -> None:
+        from rapida_tap.media.call import REALTIME_BACKLOG
+
+        clock = Clock()
+        leg = FakeLeg()
+        call = Call(CallContext(new_context_id(), "a"), leg, clock=clock, pacer=Pacer(clock))
+        call.trim_backlog = True  # the echo: audio played as it comes
+        for n in range(500):  # the node lagged ten seconds: all of it arrives at once
+            call.play(frame(1 + n % 255))
+        self.assertEqual(call.queued_frames, REALTIME_BACKLOG)
+        self.assertEqual(call.trimmed_frames, 500 - REALTIME_BACKLOG)
+        clock.advance(0.02)
+        self.assertEqual(leg.out, [frame(1 + (500 - REALTIME_BACKLOG) % 255)])  # the newest kept
+
+    def test_a_bot_may_send_far_ahead(self) -> None:
+        clock = Clock()
+        call = Call(CallContext(new_context_id(), "a"), FakeLeg(), clock=clock, pacer=Pacer(clock))
+        call.play(frame(1) * 500)
+        self.assertEqual(call.queued_frames, 500)
+        self.assertEqual(call.trimmed_frames, 0)

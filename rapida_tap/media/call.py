@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.pacer import Pacer
 
 TRIM_WINDOW = 50  # ticks (1 s) a backlog must stand before real-time audio is caught up
+REALTIME_BACKLOG = 50  # frames (1 s) a real-time source may queue; older ones are dropped
 NEAR_TICK = 0.004  # s: audio that starts this close before a tick gets a frame of cushion
 
 
@@ -190,6 +191,17 @@ class Call:
                 queue.append(bytes(view[offset : offset + size]))
         self._queued += whole // size
         self._partial = bytes(data[whole:])
+        if self.trim_backlog and len(queue) > REALTIME_BACKLOG:
+            self._drop_oldest(len(queue) - REALTIME_BACKLOG)
+
+    def _drop_oldest(self, frames: int) -> None:
+        """A real-time source's frames older than ``REALTIME_BACKLOG`` will never be worth
+        hearing: dropped (and counted as trimmed), so a node that lags holds little per call."""
+        queue = self._queue
+        for _ in range(frames):
+            queue.popleft()
+        self._sent += frames
+        self.trimmed_frames += frames
 
     def mark(self, name: str) -> None:
         """Report ``name`` through ``mark_played`` once everything queued so far was played."""
