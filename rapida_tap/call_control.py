@@ -16,9 +16,7 @@ See ``docs/call-control.md``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +25,27 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rapida_tap.assistants.config import AssistantsSpec, BotSpec
 from rapida_tap.contexts import CallContext, ContextStoreUnavailable, new_context_id
+from rapida_tap.control_rules import (
+    CALL_RECORD_TTL,
+    FALLBACK_OUTCOMES,
+    CallNotFound,
+    CallNotInProgress,
+    ControlError,
+    ControlUnavailable,
+    TransferPolicy,
+    call_sid,
+    decode_instruction,
+    encode_instruction,
+    error_reply,
+    outbound_view,
+    raise_reply_error,
+    transfer_outcome,
+)
 from rapida_tap.media.playout import end_after_playout
 from rapida_tap.reasons import EndReason
 from rapida_tap.relay import NodeGone, NodeTimeout, Relay
-from rapida_tap.twiml import Dial, Hangup, Instruction
+from rapida_tap.twiml import Hangup, Instruction
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTime
@@ -41,101 +54,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.call import Call
     from rapida_tap.outbound import OutboundCalls
     from rapida_tap.outbound_call import OutboundCall
-
-#: Seconds a call's record stays readable after it was last written.
-CALL_RECORD_TTL = 3600.0
-DEFAULT_ACCOUNT_SID = "rapida-asterisk"
-
-#: Asterisk's DIALSTATUS -> the transfer's outcome, in Twilio's words (DialCallStatus).
-DIALSTATUS = {
-    "ANSWER": "completed",
-    "BUSY": "busy",
-    "NOANSWER": "no-answer",
-    "CANCEL": "canceled",
-}
-#: Outcomes after which the caller may go back to the bot.
-FALLBACK_OUTCOMES = frozenset({"busy", "no-answer", "failed"})
-
-
-class ControlError(Exception):
-    """A call-control request that cannot be carried out; ``str()`` is for the client."""
-
-
-class CallNotFound(ControlError):
-    """No such call, or it is over: Twilio's 20404."""
-
-
-class CallNotInProgress(ControlError):
-    """The call exists but cannot take this command now (e.g. TwiML for a ringing call)."""
-
-
-class TransferRefused(ControlError):
-    """The call cannot be transferred to that kind of target (no template configured)."""
-
-
-class ControlUnavailable(ControlError):
-    """The store or the node holding the call did not answer."""
-
-
-def call_sid(context_id: str) -> str:
-    return "CA" + uuid.UUID(context_id).hex
-
-
-def context_of_sid(sid: str) -> str | None:
-    """The context id of a CallSid ``CA`` + 32 hex digits, or None."""
-    if len(sid) != 34 or not sid.startswith("CA"):
-        return None
-    try:
-        return str(uuid.UUID(hex=sid[2:]))
-    except ValueError:
-        return None
-
-
-def transfer_outcome(dialstatus: str) -> str:
-    """``completed``, ``busy``, ``no-answer``, ``canceled``, or ``failed`` for anything else."""
-    return DIALSTATUS.get(dialstatus.strip().upper(), "failed")
-
-
-@dataclasses.dataclass(frozen=True)
-class TransferPolicy:
-    """What one assistant's calls may do: its AccountSid, its transfer templates, fallback."""
-
-    account_sid: str = DEFAULT_ACCOUNT_SID
-    number_template: str = ""
-    sip_template: str = ""
-    fallback: bool = True
-
-    def dial_arguments(self, dial: Dial) -> str:
-        """The ``Dial()`` arguments for ``dial``: ``target,timeout[,f(callerId)]``."""
-        if dial.kind == "sip":
-            if not self.sip_template:
-                raise TransferRefused("no transfer_sip_endpoint is configured: <Sip> is refused")
-            target = self.sip_template.format(uri=dial.target)
-        else:
-            if not self.number_template:
-                raise TransferRefused("no transfer_endpoint is configured: <Number> is refused")
-            target = self.number_template.format(to=dial.target)
-        args = f"{target},{dial.timeout}"
-        return args + f",f({dial.caller_id})" if dial.caller_id else args
-
-
-def policies(
-    spec: AssistantsSpec, number_template: str, sip_template: str
-) -> Callable[[str], TransferPolicy]:
-    """The policy of each assistant id: its own settings, else the top-level templates."""
-
-    def policy_of(assistant_id: str) -> TransferPolicy:
-        bot = spec.by_id.get(assistant_id, spec.default)
-        if not isinstance(bot, BotSpec):
-            return TransferPolicy(DEFAULT_ACCOUNT_SID, number_template, sip_template, True)
-        return TransferPolicy(
-            bot.account_sid,
-            bot.transfer_endpoint or number_template,
-            bot.transfer_sip_endpoint or sip_template,
-            bot.transfer_fallback,
-        )
-
-    return policy_of
 
 
 class CallControl:
@@ -279,9 +197,9 @@ class CallControl:
         if "ended" in record or "started" not in record or record.get("node") == self.node_id:
             raise CallNotFound(f"call {context_id} is over")
         reply = await self._ask(
-            record["node"], "update", ctx=context_id, action=_encode(instruction)
+            record["node"], "update", ctx=context_id, action=encode_instruction(instruction)
         )
-        _raise_reply_error(reply)
+        raise_reply_error(reply)
         return await self.load(context_id)
 
     async def _apply(self, call: Call, instruction: Instruction) -> None:
@@ -325,7 +243,7 @@ class CallControl:
             await self.outbound.hangup(context_id)
             return
         reply = await self._ask(placed_by, "outbound-hangup", ctx=context_id)
-        _raise_reply_error(reply)
+        raise_reply_error(reply)
 
     async def hangup_for_api(self, context_id: str) -> dict[str, Any]:
         """``DELETE /v1/talk/asterisk/calls/{ctx}`` for a call this node does not follow."""
@@ -340,12 +258,12 @@ class CallControl:
             reply = await self._ask(
                 record.get("node", ""), "update", ctx=context_id, action={"kind": "api-hangup"}
             )
-            _raise_reply_error(reply)
+            raise_reply_error(reply)
         elif "started" not in record:
             reply = await self._ask(
                 record.get("outbound_node", ""), "outbound-hangup", ctx=context_id
             )
-            _raise_reply_error(reply)
+            raise_reply_error(reply)
         return outbound_view(await self.load(context_id))
 
     async def outbound_status(self, context_id: str) -> dict[str, Any]:
@@ -373,9 +291,9 @@ class CallControl:
             call.end(EndReason.API_HANGUP, "hung up through the API")
             return {"ok": True}
         try:
-            await self._apply(call, _decode(action))
+            await self._apply(call, decode_instruction(action))
         except ControlError as e:
-            return _error_reply(e)
+            return error_reply(e)
         return {"ok": True}
 
     def _relayed_update(self, args: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
@@ -489,71 +407,3 @@ class TransferCollector:
         for outcome, count in sorted(self._control.transfers.items()):
             c.add_metric([outcome], count)
         yield c
-
-
-# -- views and helpers ---------------------------------------------------------------------
-
-
-def outbound_view(record: dict[str, str]) -> dict[str, Any]:
-    """The outbound API's JSON for a stored call: the placing node's record, completed by
-    the media node's (the end and its reason) and the transfer's outcome."""
-    if "outbound" not in record:
-        raise CallNotFound("not an outbound call")
-    view: dict[str, Any] = json.loads(record["outbound"])
-    if "started" in record and view.get("status") in ("originating", "ringing"):
-        view.update(status="connected", connected_at=float(record["started"]))
-    if "ended" in record and view.get("status") == "connected":
-        view.update(
-            status="ended",
-            reason=record.get("reason") or None,
-            detail=record.get("detail", ""),
-            ended_at=float(record["ended"]),
-        )
-    view["transfer_to"] = record.get("transfer_to") or None
-    view["transfer_status"] = record.get("transfer_status") or None
-    return view
-
-
-def _encode(instruction: Instruction) -> dict[str, Any]:
-    if isinstance(instruction, Hangup):
-        return {"kind": "hangup"}
-    return {
-        "kind": "dial",
-        "target": instruction.target,
-        "target_kind": instruction.kind,
-        "timeout": instruction.timeout,
-        "caller_id": instruction.caller_id,
-    }
-
-
-def _decode(action: dict[str, Any]) -> Instruction:
-    if action.get("kind") == "dial":
-        return Dial(
-            target=str(action["target"]),
-            kind=str(action["target_kind"]),
-            timeout=int(action["timeout"]),
-            caller_id=str(action.get("caller_id", "")),
-        )
-    return Hangup()
-
-
-_ERROR_NAMES: dict[type[ControlError], str] = {
-    CallNotFound: "not-found",
-    CallNotInProgress: "not-in-progress",
-    TransferRefused: "refused",
-    ControlUnavailable: "unavailable",
-}
-
-
-def _error_reply(error: ControlError) -> dict[str, Any]:
-    return {"error": _ERROR_NAMES.get(type(error), "unavailable"), "message": str(error)}
-
-
-def _raise_reply_error(reply: dict[str, Any]) -> None:
-    error = reply.get("error")
-    if not error:
-        return
-    for kind, name in _ERROR_NAMES.items():
-        if name == error:
-            raise kind(str(reply.get("message", "")))
-    raise ControlUnavailable(str(reply.get("message", "the other node failed")))

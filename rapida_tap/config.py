@@ -250,7 +250,7 @@ def validate(s: Settings) -> None:
                 "api_keys: each key must be 8 to 256 printable characters without spaces"
             )
     if s.contexts != "memory":
-        from rapida_tap.redis_store import RedisURLError, parse_redis_url
+        from rapida_tap.redis_url import RedisURLError, parse_redis_url
 
         if not s.contexts.startswith(("redis://", "rediss://")):
             raise ConfigError(f"--contexts: {s.contexts!r} is neither 'memory' nor a redis:// URL")

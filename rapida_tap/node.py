@@ -18,9 +18,10 @@ from rapida_tap.admission import AUDIOSOCKET_ID_BYTES, AdmissionFactory, Descrip
 from rapida_tap.assistants.config import build_registry, parse_assistants
 from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.audiosocket.protocol import AudioSocketFactory
-from rapida_tap.call_control import CallControl, TransferCollector, policies
+from rapida_tap.call_control import CallControl, TransferCollector
 from rapida_tap.config import ConfigError, Settings
 from rapida_tap.contexts import MemoryContextStore
+from rapida_tap.control_rules import policies
 from rapida_tap.dialplan import startup_dialplan
 from rapida_tap.drain import Drain, DrainState
 from rapida_tap.interfaces import IContextStore
@@ -31,7 +32,8 @@ from rapida_tap.metrics import ListenerCollector, NodeCollector, NodeMetrics
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
-from rapida_tap.redis_store import RedisContextStore, RedisURLError
+from rapida_tap.redis_store import RedisContextStore
+from rapida_tap.redis_url import RedisURLError
 from rapida_tap.services import BridgeService, ContextStoreService, NodeService, OutboundService
 from rapida_tap.web import twilio_calls
 from rapida_tap.web.admin import DrainResource

@@ -24,11 +24,9 @@ consumed the context; the caller refuses the call, and Asterisk's retry gets a f
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.internet import defer
@@ -49,8 +47,8 @@ from rapida_tap.contexts import (
 )
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.reasons import Refusal
-
-DEFAULT_PORT = 6379
+from rapida_tap.redis_pubsub import SubscriberFactory, text_of
+from rapida_tap.redis_url import parse_redis_url
 
 _MINT = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
@@ -94,10 +92,6 @@ _REFUSAL: dict[bytes, type[ContextError]] = {
 }
 
 
-class RedisURLError(ValueError):
-    """A ``--contexts`` Redis URL that cannot be used; the message never contains the password."""
-
-
 class ContextCorrupt(ContextError):
     """What Redis holds under a context id is not a context this daemon wrote.
 
@@ -105,63 +99,6 @@ class ContextCorrupt(ContextError):
     """
 
     reason = Refusal.CONTEXT_CORRUPT
-
-
-@dataclasses.dataclass(frozen=True)
-class RedisAddress:
-    """Where and how to reach Redis; ``str()`` is the URL with the password masked."""
-
-    host: str
-    port: int = DEFAULT_PORT
-    db: int = 0
-    username: str | None = None
-    password: str | None = dataclasses.field(default=None, repr=False)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        auth = ""
-        if self.password is not None:
-            auth = f"{self.username or ''}:***@"
-        elif self.username:
-            auth = f"{self.username}@"
-        return f"redis://{auth}{host}:{self.port}/{self.db}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """Parse ``redis://[[user]:password@]host[:port][/db]`` (port 6379 and db 0 by default).
-
-    Percent-escapes in user and password are decoded.  Raises ``RedisURLError``.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise RedisURLError(f"not a valid Redis URL: {_mask(url)} ({e})") from None
-    if parts.scheme != "redis":
-        raise RedisURLError(f"Redis URL must start with redis:// : {_mask(url)}")
-    if not parts.hostname:
-        raise RedisURLError(f"Redis URL has no host: {_mask(url)}")
-    if parts.query or parts.fragment:
-        raise RedisURLError(f"Redis URL takes no query or fragment: {_mask(url)}")
-    path = parts.path.strip("/")
-    if path and not (path.isascii() and path.isdigit()):
-        raise RedisURLError(f"Redis database must be a number: {_mask(url)}")
-    return RedisAddress(
-        host=parts.hostname,
-        port=port if port is not None else DEFAULT_PORT,
-        db=int(path) if path else 0,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-    )
-
-
-def _mask(url: str) -> str:
-    """``url`` with everything between ``://`` and the last ``@`` of its authority hidden."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, tail = rest.partition("/")
-    if sep and "@" in authority:
-        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{tail}"
-    return url
 
 
 @implementer(IContextStore)
@@ -326,7 +263,7 @@ class RedisContextStore:
         d = self._command("load", lambda r: r.hgetall(key), context_id)
 
         def decoded(reply: Any) -> dict[str, str]:
-            return {_text(name): _text(value) for name, value in (reply or {}).items()}
+            return {text_of(name): text_of(value) for name, value in (reply or {}).items()}
 
         return d.addCallback(decoded)
 
@@ -349,7 +286,7 @@ class RedisContextStore:
 
     def _subscribe(self) -> None:
         a = self.address
-        factory = _SubscriberFactory(a, self._listeners)
+        factory = SubscriberFactory(a, self._listeners)
         factory.initialDelay = self.reconnect_initial_delay
         factory.maxDelay = self.reconnect_max_delay
         endpoint = HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._connect_timeout)
@@ -460,58 +397,6 @@ class RedisContextStore:
         """Authentication or SELECT failed: txredisapi stops retrying for good."""
         self._connect_error = f"{failure.getErrorMessage()}; not retrying"
         self._set_health(False, f"redis: {self._connect_error}")
-
-
-class _Subscriber(txredisapi.SubscriberProtocol):
-    """Subscribes to the factory's channels once connected (again after each reconnect)."""
-
-    factory: _SubscriberFactory
-    log = Logger()
-
-    def connectionMade(self) -> Any:
-        d: defer.Deferred[Any] = defer.maybeDeferred(super().connectionMade)
-
-        def ready(_: Any) -> Any:
-            if self.connected and self.factory.listeners:
-                return self.subscribe(list(self.factory.listeners))
-            return None
-
-        d.addCallback(ready)
-        d.addErrback(
-            lambda f: self.log.warn("context store: subscribe failed: {e}", e=f.getErrorMessage())
-        )
-        return d
-
-    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
-        handler = self.factory.listeners.get(_text(channel))
-        if handler is None:
-            return
-        try:
-            handler(_text(message))
-        except Exception:
-            self.log.failure("context store: a message handler failed")
-
-
-class _SubscriberFactory(txredisapi.RedisFactory):  # type: ignore[misc]
-    protocol = _Subscriber
-
-    def __init__(self, address: RedisAddress, listeners: dict[str, Callable[[str], None]]):
-        super().__init__(
-            uuid.uuid4().hex,
-            None,
-            1,
-            isLazy=True,
-            charset=None,
-            password=address.password,
-            username=address.username,
-            replyTimeout=None,
-            convertNumbers=False,
-        )
-        self.listeners = listeners
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @implementer(IStreamClientEndpoint)

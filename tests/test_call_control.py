@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from rapida_tap.audiosocket.wire import Kind
-from rapida_tap.call_control import call_sid
+from rapida_tap.control_rules import call_sid
 from rapida_tap.reasons import EndReason
 from tests.callers import call_over_chan_websocket
 from tests.fake_bot import FakeBot

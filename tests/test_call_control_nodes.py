@@ -18,8 +18,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from rapida_tap.audiosocket.wire import Kind
-from rapida_tap.call_control import call_sid
 from rapida_tap.contexts import new_context_id
+from rapida_tap.control_rules import call_sid
 from rapida_tap.reasons import EndReason
 from tests.fake_ari import ANSWER, NO_ANSWER, FakeAri, serve_fake_ari
 from tests.fake_bot import FakeBot

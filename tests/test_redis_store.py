@@ -20,13 +20,8 @@ from rapida_tap.contexts import (
     ContextUnknown,
     new_context_id,
 )
-from rapida_tap.redis_store import (
-    ContextCorrupt,
-    RedisAddress,
-    RedisContextStore,
-    RedisURLError,
-    parse_redis_url,
-)
+from rapida_tap.redis_store import ContextCorrupt, RedisContextStore
+from rapida_tap.redis_url import RedisAddress, RedisURLError, parse_redis_url
 from tests.redis_server import RedisServer, RedisServerError
 
 # --- URL parsing (sans-IO) ------------------------------------------------------------------

@@ -19,7 +19,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from rapida_tap import ari
-from rapida_tap.call_control import CallControl, CallNotFound, ControlUnavailable
+from rapida_tap.call_control import CallControl
+from rapida_tap.control_rules import CallNotFound, ControlUnavailable
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.outbound_call import (
     CallElsewhere,

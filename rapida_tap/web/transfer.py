@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import NOT_DONE_YET
 
-from rapida_tap.call_control import CallNotFound, ControlUnavailable
 from rapida_tap.contexts import is_context_id
+from rapida_tap.control_rules import CallNotFound, ControlUnavailable
 from rapida_tap.web.registration import client_address, parse_query, refuse
 
 if TYPE_CHECKING:  # pragma: no cover

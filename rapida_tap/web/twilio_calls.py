@@ -23,8 +23,8 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from rapida_tap.call_control import (
-    CallControl,
+from rapida_tap.call_control import CallControl
+from rapida_tap.control_rules import (
     CallNotFound,
     CallNotInProgress,
     ControlUnavailable,
