@@ -66,6 +66,16 @@ class AudioSocketProtocol(Protocol):
     def call(self) -> Call | None:
         return self.lifecycle.call
 
+    @property
+    def codec(self) -> str:
+        """Asterisk's name of the wire format: ``slin``, ``slin16``... (for the quality report)."""
+        rate = self._in_rate
+        return "slin" if rate == SAMPLE_RATE else f"slin{rate // 1000}"
+
+    @property
+    def sample_rate(self) -> int:
+        return self._in_rate
+
     # -- bytes in ----------------------------------------------------------------------
 
     def connectionMade(self) -> None:
