@@ -104,6 +104,8 @@ class OutboundCalls:
         self._records = CallRecords(clock, max_ended=max_ended, retention=ended_retention)
         self._live = self._records.live
         self._pending: set[Deferred[Any]] = set()
+        #: subscribers told of every change of a call's status (webhooks: outbound.status)
+        self.status_changed: list[Callable[[OutboundCall], None]] = []
         bridge.call_started.append(self._call_started)
         bridge.call_ended.append(self._call_ended)
         for p in self.providers.values():
@@ -200,6 +202,8 @@ class OutboundCalls:
         record.originated = True
         if record.status == Status.ORIGINATING:
             record.move(Status.RINGING)
+            record.ringing_at = self._clock.seconds()
+            self._changed(record)
             self.log.info(
                 "outbound call {ctx} to {to} via {provider}: ringing on channel {channel} "
                 "(assistant={assistant_id} transport={transport} dialplan={dialplan})",
@@ -236,6 +240,7 @@ class OutboundCalls:
         record.move(Status.CONNECTED)
         record.call = call
         record.connected_at = self._clock.seconds()
+        self._changed(record)
         self.log.info(
             "outbound call {ctx}: connected after {seconds:.1f}s",
             ctx=record.context_id,
@@ -322,6 +327,7 @@ class OutboundCalls:
                 record.move(Status.CONNECTED)
                 record.detail = "the media connected to another node"
                 self._records.retain(record)
+                self._changed(record)
             return False
         except ContextStoreUnavailable as e:
             self.log.warn(
@@ -341,6 +347,7 @@ class OutboundCalls:
         record.ended_at = self._clock.seconds()
         record.call = None
         self._records.retain(record)
+        self._changed(record)
         if log:
             self.log.info(
                 "outbound call {ctx} to {to} via {provider} ended: {reason} ({detail})",
@@ -350,6 +357,10 @@ class OutboundCalls:
                 reason=reason,
                 detail=detail,
             )
+
+    def _changed(self, record: OutboundCall) -> None:
+        for hook in self.status_changed:
+            hook(record)
 
     # -- hanging up ------------------------------------------------------------------------
 

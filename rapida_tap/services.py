@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
@@ -28,6 +29,22 @@ class BridgeService(service.Service):
         self.bridge.accepting = False
         self.bridge.end_all(EndReason.SHUTDOWN)
         self.bridge.pacer.stop()
+
+
+class EventsService(service.Service):
+    """Finalises recordings and flushes pending webhooks when the node stops.
+
+    Added to ``NodeService`` before ``BridgeService``, so it is stopped after it (a
+    ``MultiService`` stops its children in reverse order): by then every call has ended and its
+    ``call.ended`` is queued.
+    """
+
+    def __init__(self, stop: Callable[[], defer.Deferred[None]]) -> None:
+        self._stop = stop
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self._stop()
 
 
 class ContextStoreService(service.Service):
