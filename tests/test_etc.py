@@ -5,8 +5,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from rapida_tap.assistants.config import BOT_OPTIONS, CALL_OPTIONS
-from rapida_tap.assistants.config import ECHO, parse_assistants
+from rapida_tap.assistants.config import BOT_OPTIONS, CALL_OPTIONS, ECHO, parse_assistants
 from rapida_tap.config import SCALARS, TABLES, Settings, build_settings
 from rapida_tap.dialplan import SAMPLE_VALUES, audiosocket_dialplan
 from rapida_tap.events.config import ENDPOINT_KEYS

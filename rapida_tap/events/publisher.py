@@ -74,7 +74,8 @@ class CallEvents:
         self._outbound = outbound
         self._metrics = metrics
         self._reports: dict[Call, dict[str, Any]] = {}
-        self._recordings: set[defer.Deferred[Any]] = set()
+        self._recorders: dict[Call, CallRecorder] = {}  # live calls' recordings
+        self._recordings: set[defer.Deferred[Any]] = set()  # being finalised
         self._keys = itertools.count(1)
         bridge.call_started.append(self._guarded(self._call_started))
         bridge.call_ended.append(self._guarded(self._call_ended))
@@ -125,7 +126,8 @@ class CallEvents:
         self.sender.send(
             self.spec.endpoints_for(call.context.assistant_id), webhooks.CALL_ENDED, data
         )
-        recorder, call.recorder = call.recorder, None
+        call.recorder = None
+        recorder = self._recorders.pop(call, None)
         if recorder is not None:
             d = recorder.finish()
             self._recordings.add(d)
@@ -216,9 +218,10 @@ class CallEvents:
                 path=path,
             )
 
-        call.recorder = CallRecorder(
+        recorder = CallRecorder(
             next(self._keys), path, self.writer, self._bridge.pacer, self._clock, stopped
         )
+        call.recorder = self._recorders[call] = recorder
 
     def _recorded(self, result: RecordingResult, call: Call) -> None:
         if self._metrics is not None and result.complete:

@@ -3,8 +3,8 @@
 The left channel is the caller as received, the right channel what was actually played to the
 caller, both at the bridge's rate (8 kHz: every transport converts to it at the edge, so no
 other rate exists inside the daemon).  They are aligned on the pacer's grid: tick ``n`` of the
-call is sample ``n * 160`` of both channels, and a tick where nothing was played or heard is
-silence.
+call (``Pacer.position``, which counts ticks a stalled reactor missed) is sample ``n * 160`` of
+both channels, and a tick where nothing was played or heard is silence.
 
 On the reactor thread a ``CallRecorder`` only appends bytes to two buffers (the media path
 calls ``caller`` and ``played``) and, once a second, hands a block to the ``RecordingWriter``.
@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
 CHANNELS = 2
 BYTES_PER_SECOND = SAMPLE_RATE * 2  # one channel, 16-bit
 HEADER_BYTES = 44
-#: caller audio may lag the grid by this much (network jitter) before silence is put in
-CALLER_SLACK = 2 * FRAME_BYTES
+#: caller audio may lag the grid by this much (jitter) before the gap is taken for silence
+CALLER_SLACK = 3 * FRAME_BYTES
 #: how far one channel may run ahead of the other before the gap is written as silence
 MAX_AHEAD = 5 * BYTES_PER_SECOND
 FLUSH_INTERVAL = 1.0  # seconds between blocks handed to the writer
@@ -139,7 +139,7 @@ class RecordingWriter:
     ) -> None:
         self._call_from_thread = call_from_thread
         self.max_blocks = max_blocks
-        self._opener = opener
+        self.opener = opener  # how files are created (tests give failing ones)
         self._jobs: collections.deque[tuple[Any, ...]] = collections.deque()
         self._blocks = 0
         self._cond = threading.Condition()
@@ -207,7 +207,7 @@ class RecordingWriter:
 
     def _open(self, key: int, path: str, error: Callable[[str], None]) -> None:
         try:
-            handle = self._opener(path)
+            handle = self.opener(path)
         except OSError as e:
             why = f"cannot create {path}: {e.strerror or e}"
             self._files[key] = _OpenFile(path, None, why, error)
@@ -301,7 +301,7 @@ class CallRecorder:
         self._pacer = pacer
         self._clock = clock
         self._on_stopped = on_stopped
-        self._tick0 = pacer.ticks
+        self._tick0 = pacer.position
         self._left = bytearray()
         self._right = bytearray()
         self._written = 0  # bytes per channel handed to the writer
@@ -312,7 +312,7 @@ class CallRecorder:
 
     def _grid(self) -> int:
         """Bytes per channel from the start to the end of the current tick."""
-        return (self._pacer.ticks - self._tick0) * FRAME_BYTES
+        return (self._pacer.position - self._tick0) * FRAME_BYTES
 
     def caller(self, pcm: bytes) -> None:
         """Caller audio as received (media path)."""

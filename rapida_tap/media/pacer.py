@@ -82,6 +82,7 @@ class Pacer:
         self._timer: IDelayedCall | None = None
         self._start = 0.0
         self._next = 0  # index on the grid of the next tick
+        self.position = 0  # index on the grid of the last tick (missed ones count)
         self.debt = 0
         self.ticks = 0
         self.skipped_ticks = 0
@@ -100,6 +101,7 @@ class Pacer:
         if self._timer is None:
             self._start = self._clock.seconds()
             self._next = 1
+            self.position = 0
             self.debt = 0
             self._timer = self._clock.callLater(self.interval - _EARLY, self._tick)
 
@@ -140,6 +142,7 @@ class Pacer:
         if self.lateness_observer is not None:
             self.lateness_observer(late)
         self._next = max(due, self._next) + 1
+        self.position = self._next - 1
         catch_up = self.debt > 0
         if catch_up:
             self.debt -= 1
