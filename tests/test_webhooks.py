@@ -277,6 +277,13 @@ class WebhookIntegrationTests(TestCase):
         self.assertIn("No matching signature", why)
         self.assertEqual(daemon.events.sender.delivered, 2)
         self.assertEqual(daemon.events.sender.failed, 0)
+        sample = daemon.metrics.registry.get_sample_value
+        labels = {"endpoint": "test", "outcome": "delivered"}
+        self.assertEqual(sample("rapida_webhook_deliveries_total", labels), 2)
+        self.assertEqual(sample("rapida_webhook_delivery_seconds_count", {"endpoint": "test"}), 2)
+        by_transport = {"transport": "audiosocket"}
+        self.assertEqual(sample("rapida_call_first_audio_seconds_count", by_transport), 1)
+        self.assertEqual(sample("rapida_call_pacing_error_p99_seconds_count", by_transport), 1)
 
     @defer.inlineCallbacks
     def test_an_assistants_own_endpoint_gets_its_calls_as_well(self) -> Any:
