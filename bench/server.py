@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -84,6 +85,7 @@ class Server:
     ws_port: int | None = None  # chan_websocket endpoint: the --http port, or --https for wss
     tls: bool = False  # ws_port speaks TLS (a lab certificate in _tls_dir)
     _tls_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+    _config_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -126,6 +128,8 @@ class Server:
         self.log_path.unlink(missing_ok=True)
         if self._tls_dir is not None:
             self._tls_dir.cleanup()
+        if self._config_dir is not None:
+            self._config_dir.cleanup()
 
 
 def _pin(core: int | None) -> list[str]:
@@ -169,12 +173,16 @@ def lab_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 def start_daemon(
-    core: int | None = None, extra_env: dict[str, str] | None = None, tls: bool = False
+    core: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    tls: bool = False,
+    record_dir: str | None = None,
 ) -> Server:
     """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given.
 
     Its chan_websocket endpoint is on the ``--http`` port; with ``tls`` also on an ``--https``
-    port (a lab certificate made in a temporary directory), which is then ``ws_port``.
+    port (a lab certificate made in a temporary directory), which is then ``ws_port``.  With
+    ``record_dir`` every call is recorded there (a config file in a temporary directory).
     """
     as_port, http_port = free_port(), free_port()
     https: list[str] = []
@@ -204,6 +212,15 @@ def start_daemon(
         f"tcp:{as_port}:interface=127.0.0.1",
         *https,
     ]
+    config_dir = None
+    if record_dir:
+        config_dir = tempfile.TemporaryDirectory(prefix="bench-config-")
+        config = Path(config_dir.name) / "record.toml"
+        config.write_text(
+            f"recordings_dir = {json.dumps(str(record_dir))}\n"
+            '[assistants.default]\nurl = "echo"\nrecord = true\n'
+        )
+        command.append(f"--config={config}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("RAPIDA_RATE_LIMIT", "1000000000")
@@ -212,6 +229,7 @@ def start_daemon(
     env.update(extra_env or {})
     server = _spawn("rapida-asterisk", command, env, as_port, http_port, core)
     server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir
+    server._config_dir = config_dir
     _wait(server, lambda: _healthy(http_port) and _listening(ws_port))
     return server
 

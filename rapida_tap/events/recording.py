@@ -3,8 +3,10 @@
 The left channel is the caller as received, the right channel what was actually played to the
 caller, both at the bridge's rate (8 kHz: every transport converts to it at the edge, so no
 other rate exists inside the daemon).  They are aligned on the pacer's grid: tick ``n`` of the
-call (``Pacer.position``, which counts ticks a stalled reactor missed) is sample ``n * 160`` of
-both channels, and a tick where nothing was played or heard is silence.
+call (``Pacer.position``) is sample ``n * 160`` of both channels.  The right channel is what
+each tick sent, a silent tick being silence; the left channel is caller audio as it arrived.
+Short lags (jitter, a stall made up by a burst) stay contiguous; a channel that lags the grid
+by more than ``GAP`` (the caller fell silent, the leg was held) gets silence in the gap.
 
 On the reactor thread a ``CallRecorder`` only appends bytes to two buffers (the media path
 calls ``caller`` and ``played``) and, once a second, hands a block to the ``RecordingWriter``.
@@ -26,11 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE
+from rapida_tap.media.audio import FRAME_BYTES, SAMPLE_RATE, SILENCE
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.pacer import Pacer
@@ -38,8 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
 CHANNELS = 2
 BYTES_PER_SECOND = SAMPLE_RATE * 2  # one channel, 16-bit
 HEADER_BYTES = 44
-#: caller audio may lag the grid by this much (jitter) before the gap is taken for silence
-CALLER_SLACK = 3 * FRAME_BYTES
+#: a channel lagging the grid by more than this stopped (the caller fell silent, the leg was
+#: held, the process stalled): the gap becomes silence...
+GAP = 10 * FRAME_BYTES
+#: ...up to this lag behind the grid (jitter: frames held up may still come)
+SLACK = 3 * FRAME_BYTES
 #: how far one channel may run ahead of the other before the gap is written as silence
 MAX_AHEAD = 5 * BYTES_PER_SECOND
 FLUSH_INTERVAL = 1.0  # seconds between blocks handed to the writer
@@ -66,14 +72,12 @@ def wav_header(data_bytes: int, rate: int = SAMPLE_RATE) -> bytes:
     )
 
 
-def interleave(left: bytes | bytearray, right: bytes | bytearray) -> bytearray:
+def interleave(left: bytes | bytearray, right: bytes | bytearray) -> memoryview:
     """Two mono PCM16 buffers of equal length as one stereo buffer (L R L R ...)."""
-    out = bytearray(2 * len(left))
-    out[0::4] = left[0::2]
-    out[1::4] = left[1::2]
-    out[2::4] = right[0::2]
-    out[3::4] = right[1::2]
-    return out
+    out = np.empty(len(left), dtype="<i2")  # len(left) bytes = 2 channels of len/2 samples
+    out[0::2] = np.frombuffer(left, dtype="<i2")
+    out[1::2] = np.frombuffer(right, dtype="<i2")
+    return out.data.cast("B")
 
 
 @dataclass
@@ -166,7 +170,8 @@ class RecordingWriter:
         self.start()
         self._put(("open", key, path, error))
 
-    def submit_block(self, key: int, left: bytes, right: bytes) -> bool:
+    def submit_block(self, key: int, left: bytearray, right: bytearray) -> bool:
+        """Queue one block (equal lengths, each channel's bytes); the writer owns them now."""
         with self._cond:
             if self._blocks >= self.max_blocks:
                 return False
@@ -190,16 +195,18 @@ class RecordingWriter:
             with self._cond:
                 while not self._jobs:
                     self._cond.wait()
-                job = self._jobs.popleft()
-                if job[0] == "write":
-                    self._blocks -= 1
-            try:
+                jobs, self._jobs = self._jobs, collections.deque()
+            for job in jobs:
                 if job[0] == "stop":
-                    break
-                getattr(self, "_" + job[0])(*job[1:])
-            except Exception:  # a bug here must not end the thread: later calls still record
-                self._call_from_thread(self.log.failure, "recording writer: {job}", job=job[0])
-        self._call_from_thread(self._stopped_now)
+                    self._call_from_thread(self._stopped_now)
+                    return
+                try:
+                    getattr(self, "_" + job[0])(*job[1:])
+                except Exception:  # a bug must not end the thread: later calls still record
+                    self._call_from_thread(self.log.failure, "recording writer: " + job[0])
+                if job[0] == "write":
+                    with self._cond:
+                        self._blocks -= 1
 
     def _stopped_now(self) -> None:
         if self._stopped is not None and not self._stopped.called:
@@ -220,7 +227,7 @@ class RecordingWriter:
             f.error = _os_error(e)
             self._call_from_thread(error, f.error)
 
-    def _write(self, key: int, left: bytes, right: bytes) -> None:
+    def _write(self, key: int, left: bytearray, right: bytearray) -> None:
         f = self._files.get(key)
         if f is None or f.handle is None or f.error:
             return
@@ -305,6 +312,7 @@ class CallRecorder:
         self._left = bytearray()
         self._right = bytearray()
         self._written = 0  # bytes per channel handed to the writer
+        self._set_offsets()
         self.stopped = ""  # why the recording stopped early
         self._finished: defer.Deferred[RecordingResult] | None = None
         writer.submit_open(key, path, self.stop)
@@ -314,42 +322,58 @@ class CallRecorder:
         """Bytes per channel from the start to the end of the current tick."""
         return (self._pacer.position - self._tick0) * FRAME_BYTES
 
+    def _set_offsets(self) -> None:
+        """Precompute where a channel's buffer ends when it lags the grid by ``GAP``."""
+        self._gap_offset = self._tick0 * FRAME_BYTES + self._written + GAP
+
+    def _catch_up(self, channel: bytearray) -> None:
+        """After a gap, silence up to ``SLACK`` behind the grid."""
+        due = self._grid() - SLACK - self._written
+        if len(channel) < due:
+            channel.extend(bytes(due - len(channel)))
+
     def caller(self, pcm: bytes) -> None:
         """Caller audio as received (media path)."""
         left = self._left
-        gap = self._grid() - CALLER_SLACK - self._written - len(left)
-        if gap > 0:
-            left.extend(bytes(gap))
-        left.extend(pcm)
+        if len(left) < self._pacer.position * FRAME_BYTES - self._gap_offset:
+            self._catch_up(left)
+        left += pcm
 
     def played(self, frame: bytes) -> None:
-        """A frame the leg took this tick (media path)."""
+        """A frame the leg took (media path)."""
         right = self._right
-        gap = self._grid() - FRAME_BYTES - self._written - len(right)
-        if gap > 0:
-            right.extend(bytes(gap))
-        right.extend(frame)
+        if len(right) < self._pacer.position * FRAME_BYTES - self._gap_offset:
+            self._catch_up(right)
+        right += frame
+
+    def silent(self) -> None:
+        """A tick with nothing to play (media path)."""
+        self._right += SILENCE
 
     def _flush(self, final: bool = False) -> None:
         self._timer = None
         left, right = self._left, self._right
-        grid = self._grid() - self._written
-        if len(right) < grid:
-            right.extend(bytes(grid - len(right)))
-        if len(left) < grid - CALLER_SLACK:
-            left.extend(bytes(grid - CALLER_SLACK - len(left)))
         if final:
-            n = max(len(left), len(right))
+            grid = self._grid() - self._written
+            n = max(len(left), len(right), grid)
         else:
+            lagging = self._pacer.position * FRAME_BYTES - self._gap_offset
+            for channel in (left, right):
+                if len(channel) < lagging:
+                    self._catch_up(channel)
             n = min(len(left), len(right))
             n = max(n, len(left) - MAX_AHEAD, len(right) - MAX_AHEAD)
         for channel in (left, right):
             if len(channel) < n:
                 channel.extend(bytes(n - len(channel)))
         if n > 0:
-            block_left, block_right = bytes(left[:n]), bytes(right[:n])
-            del left[:n], right[:n]
+            # The buffers themselves go to the writer (no copy); only the few bytes past
+            # ``n`` (audio ahead of the other channel) start the next ones.
+            self._left, self._right = left[n:], right[n:]
+            del left[n:], right[n:]
+            block_left, block_right = left, right
             self._written += n
+            self._set_offsets()
             if not self._writer.submit_block(self.key, block_left, block_right):
                 self.stop(
                     f"the disk is too slow: {self._writer.max_blocks} blocks wait to be written"

@@ -287,6 +287,8 @@ class Call:
             self.silence_out += 1
             if self._cleared_at is not None:
                 self._barge_in_silent()
+            if self.recorder is not None:
+                self.recorder.silent()
             self._backlog_min = 0
             self._gap_open = self._playing
             self._playing = False
