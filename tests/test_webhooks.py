@@ -11,12 +11,15 @@ from typing import Any
 import treq
 import treq.testing
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from twisted.internet import defer
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from rapida_tap.audiosocket.protocol import AudioSocketFactory
+from rapida_tap.config import Settings
 from rapida_tap.events.webhooks import (
     CALL_ENDED,
     CALL_STARTED,
@@ -24,7 +27,9 @@ from rapida_tap.events.webhooks import (
     Endpoint,
     WebhookSender,
 )
+from rapida_tap.node import Daemon
 from tests.support import (
+    API_KEY,
     FakeAsterisk,
     capture_logs,
     connect_audiosocket,
@@ -153,6 +158,14 @@ class SenderTests(SynchronousTestCase):
         self.clock.pump([1.0] * 200)
         self.assertEqual(len(receiver.requests), 1)
         self.assertEqual((sender.failed, sender.pending), (1, 0))
+
+    def test_a_redirect_is_not_followed(self) -> None:
+        sender, receiver, _ = self.sender([302, 204])
+        sender.send([self.endpoint], CALL_ENDED, {})
+        self.clock.pump([1.0] * 200)
+        self.assertEqual(len(receiver.requests), 1)
+        self.assertEqual(sender.failed, 1)
+        self.assertIn("failed after 1 tries: HTTP 302", self.logs.text())
 
     def test_429_and_timeouts_are_retried(self) -> None:
         sender, receiver, _ = self.sender([None, 429, 204])
@@ -352,4 +365,59 @@ class WebhookIntegrationTests(TestCase):
         yield daemon.stop_events()  # waits no retry delay: the flush tries at once
         self.assertEqual(sorted(d.type for d in self.receiver.accepted), [CALL_ENDED, CALL_STARTED])
         self.assertEqual(json.loads(self.receiver.accepted[0].body)["data"]["context_id"], ctx)
+        yield client.closed
+
+
+class NodeStopFlushTests(TestCase):
+    """SIGTERM's path: the node drains, its calls end, then pending webhooks are flushed."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_the_node_stops_only_after_its_pending_webhooks_went_out(self) -> Any:
+        secret = new_secret()
+        os.environ["RAPIDA_TEST_WEBHOOK_SECRET"] = secret
+        self.addCleanup(os.environ.pop, "RAPIDA_TEST_WEBHOOK_SECRET", None)
+        receiver = WebhookReceiver(secret)
+        probe = listen(receiver)  # a free port, closed: the receiver is down for now
+        port = int(probe.getHost().port)
+        yield probe.stopListening()
+        local = "tcp:0:interface=127.0.0.1"
+        endpoint = {"url": f"http://127.0.0.1:{port}/", "secret_env": "RAPIDA_TEST_WEBHOOK_SECRET"}
+        daemon = Daemon(
+            Settings(
+                api_keys=[API_KEY],
+                audiosocket=local,
+                http=local,
+                drain_timeout=0.5,
+                webhooks={"test": endpoint},
+            ),
+            reactor,
+        )
+        top = daemon.service()
+        top.startService()
+        self.addCleanup(lambda: top.stopService() if top.running else None)
+        ports: dict[type, int] = {}
+        for child in top:
+            if isinstance(child, StreamServerEndpointService):
+
+                def found(listening: Any, kind: type) -> Any:
+                    ports[kind] = listening.getHost().port
+                    return listening
+
+                child._waitingForPort.addCallback(found, type(child.factory))
+        as_port = ports.pop(AudioSocketFactory)
+        (http_port,) = ports.values()
+        ctx = yield register(http_port)
+        client = FakeAsterisk(ctx)
+        yield connect_audiosocket(as_port, client)
+        yield wait_until(lambda: ctx in daemon.bridge.calls)
+        self.assertEqual(daemon.events.sender.pending, 1)  # call.started, waiting for a retry
+        up = listen(receiver, port)
+        self.addCleanup(up.stopListening)
+        yield top.stopService()  # drain (the call outlives it), end the call, flush
+        self.assertEqual(sorted(d.type for d in receiver.accepted), [CALL_ENDED, CALL_STARTED])
+        (ended,) = receiver.of_type(CALL_ENDED)
+        self.assertEqual(ended.data["end_reason"], "drain-timeout")
+        self.assertEqual(daemon.events.sender.pending, 0)
         yield client.closed

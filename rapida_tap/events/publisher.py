@@ -78,7 +78,9 @@ class CallEvents:
         self._recordings: set[defer.Deferred[Any]] = set()  # being finalised
         self._keys = itertools.count(1)
         bridge.call_started.append(self._guarded(self._call_started))
-        bridge.call_ended.append(self._guarded(self._call_ended))
+        # First of the end hooks: another may finish a drain and stop the node, whose flush
+        # must find this call's events queued already.
+        bridge.call_ended.insert(0, self._guarded(self._call_ended))
         bridge.end_report = self.report
         if outbound is not None:
             outbound.status_changed.append(self._guarded(self._outbound_status))

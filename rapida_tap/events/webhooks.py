@@ -9,7 +9,8 @@ same on every retry, so receivers can drop duplicates), ``webhook-timestamp`` an
 Nothing here can slow a call: ``send`` only appends to a bounded queue; at most
 ``max_in_flight`` requests run at once; every attempt has a timeout on the injected clock.  A 2xx
 answer delivers; 5xx, 408, 429, a timeout or a connection error is retried after
-``RETRY_DELAYS`` (5 tries over two minutes); any other answer is final.  When more than
+``RETRY_DELAYS`` (5 tries over two minutes); any other answer (a redirect too: it is not
+followed) is final.  When more than
 ``max_pending`` deliveries wait (queued, in flight or between tries), new ones are dropped,
 counted, and logged at most once per ``DROP_LOG_INTERVAL`` seconds.  ``flush`` (at the end of a
 drain) tries the waiting retries at once and waits for what is pending, up to a deadline.
@@ -74,7 +75,7 @@ class DeliveryObserver(Protocol):
 class HttpClient(Protocol):
     """What is used of ``treq.client.HTTPClient`` (or ``treq.testing.StubTreq``)."""
 
-    def post(self, url: str, /, *, data: bytes, headers: Any) -> Any: ...
+    def post(self, url: str, /, *, data: bytes, headers: Any, allow_redirects: bool) -> Any: ...
 
 
 @dataclass(eq=False)
@@ -206,7 +207,11 @@ class WebhookSender:
             b"webhook-signature": [signature.encode("ascii")],
         }
         d: defer.Deferred[int] = defer.maybeDeferred(
-            self._http.post, delivery.endpoint.url, data=delivery.body, headers=headers
+            self._http.post,
+            delivery.endpoint.url,
+            data=delivery.body,
+            headers=headers,
+            allow_redirects=False,  # a signed body goes where it was configured to, only
         )
         d.addCallback(_drain_body)
         d.addTimeout(delivery.endpoint.timeout, self._clock)
