@@ -29,6 +29,7 @@ from rapida_tap.outbound_call import (
     NOT_ANSWERED,
     OutboundCall,
     Status,
+    UnknownCall,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,7 +164,7 @@ class CallEvents:
             return None
         try:
             record = self._outbound.get(context_id)
-        except Exception:
+        except UnknownCall:  # an inbound call, or one placed by another node
             return None
         if record.connected_at is None:
             return None
