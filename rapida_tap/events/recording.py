@@ -49,6 +49,9 @@ SLACK = 3 * FRAME_BYTES
 #: how far one channel may run ahead of the other before the gap is written as silence
 MAX_AHEAD = 5 * BYTES_PER_SECOND
 FLUSH_INTERVAL = 1.0  # seconds between blocks handed to the writer
+#: seconds between the writer thread's rounds while recordings are open: blocks wait for the
+#: next round instead of waking the thread one by one (one wake-up, not one per call)
+WRITE_INTERVAL = 0.5
 
 
 def wav_header(data_bytes: int, rate: int = SAMPLE_RATE) -> bytes:
@@ -72,7 +75,7 @@ def wav_header(data_bytes: int, rate: int = SAMPLE_RATE) -> bytes:
     )
 
 
-def interleave(left: bytes | bytearray, right: bytes | bytearray) -> memoryview:
+def interleave(left: bytes, right: bytes) -> memoryview:
     """Two mono PCM16 buffers of equal length as one stereo buffer (L R L R ...)."""
     out = np.empty(len(left), dtype="<i2")  # len(left) bytes = 2 channels of len/2 samples
     out[0::2] = np.frombuffer(left, dtype="<i2")
@@ -128,8 +131,9 @@ class RecordingWriter:
     """One thread that writes every recording of the node, fed through a bounded queue.
 
     ``submit_*`` run on the reactor thread and never block: a block that does not fit is
-    refused (``False``); opening and closing always fit, so every file is finalised.  Results
-    come back on the reactor thread through ``call_from_thread``.
+    refused (``False``); opening and closing always fit, so every file is finalised.  Blocks
+    are taken every ``WRITE_INTERVAL`` seconds, all at once; opening, closing and stopping wake
+    the thread at once.  Results come back on the reactor thread through ``call_from_thread``.
     """
 
     log = Logger()
@@ -170,15 +174,14 @@ class RecordingWriter:
         self.start()
         self._put(("open", key, path, error))
 
-    def submit_block(self, key: int, left: bytearray, right: bytearray) -> bool:
+    def submit_block(self, key: int, left: bytes, right: bytes) -> bool:
         """Queue one block (equal lengths, each channel's bytes); the writer owns them now."""
         with self._cond:
             if self._blocks >= self.max_blocks:
                 return False
             self._blocks += 1
             self._jobs.append(("write", key, left, right))
-            self._cond.notify()
-        return True
+        return True  # no wake-up: the thread takes blocks in batches (WRITE_INTERVAL)
 
     def submit_close(self, key: int, done: Callable[[RecordingResult], None]) -> None:
         self._put(("close", key, done))
@@ -194,7 +197,7 @@ class RecordingWriter:
         while True:
             with self._cond:
                 while not self._jobs:
-                    self._cond.wait()
+                    self._cond.wait(WRITE_INTERVAL if self._files else None)
                 jobs, self._jobs = self._jobs, collections.deque()
             for job in jobs:
                 if job[0] == "stop":
@@ -227,7 +230,7 @@ class RecordingWriter:
             f.error = _os_error(e)
             self._call_from_thread(error, f.error)
 
-    def _write(self, key: int, left: bytearray, right: bytearray) -> None:
+    def _write(self, key: int, left: bytes, right: bytes) -> None:
         f = self._files.get(key)
         if f is None or f.handle is None or f.error:
             return
@@ -309,8 +312,11 @@ class CallRecorder:
         self._clock = clock
         self._on_stopped = on_stopped
         self._tick0 = pacer.position
-        self._left = bytearray()
-        self._right = bytearray()
+        # Each channel: the frames since the last block (joined once a second, so appending
+        # copies nothing); the caller's length in bytes, to notice a gap as audio resumes.
+        self._left: list[bytes] = []
+        self._right: list[bytes] = []
+        self._left_bytes = 0
         self._written = 0  # bytes per channel handed to the writer
         self._set_offsets()
         self.stopped = ""  # why the recording stopped early
@@ -326,55 +332,52 @@ class CallRecorder:
         """Precompute where a channel's buffer ends when it lags the grid by ``GAP``."""
         self._gap_offset = self._tick0 * FRAME_BYTES + self._written + GAP
 
-    def _catch_up(self, channel: bytearray) -> None:
-        """After a gap, silence up to ``SLACK`` behind the grid."""
-        due = self._grid() - SLACK - self._written
-        if len(channel) < due:
-            channel.extend(bytes(due - len(channel)))
+    def _silence_to(self, have: int) -> bytes:
+        """After a gap: the silence that brings ``have`` bytes to ``SLACK`` behind the grid."""
+        return bytes(max(0, self._grid() - SLACK - self._written - have))
 
     def caller(self, pcm: bytes) -> None:
         """Caller audio as received (media path)."""
-        left = self._left
-        if len(left) < self._pacer.position * FRAME_BYTES - self._gap_offset:
-            self._catch_up(left)
-        left += pcm
+        if self._left_bytes < self._pacer.position * FRAME_BYTES - self._gap_offset:
+            gap = self._silence_to(self._left_bytes)
+            self._left.append(gap)
+            self._left_bytes += len(gap)
+        self._left.append(pcm)
+        self._left_bytes += len(pcm)
 
     def played(self, frame: bytes) -> None:
-        """A frame the leg took (media path)."""
-        right = self._right
-        if len(right) < self._pacer.position * FRAME_BYTES - self._gap_offset:
-            self._catch_up(right)
-        right += frame
+        """A frame the leg took (media path).  Every tick appends a frame or silence, so only
+        ticks without either (a held leg, a stalled process) leave a gap: ``_flush`` fills it."""
+        self._right.append(frame)
 
     def silent(self) -> None:
         """A tick with nothing to play (media path)."""
-        self._right += SILENCE
+        self._right.append(SILENCE)
 
     def _flush(self, final: bool = False) -> None:
         self._timer = None
-        left, right = self._left, self._right
+        left, right = b"".join(self._left), b"".join(self._right)
         if final:
-            grid = self._grid() - self._written
-            n = max(len(left), len(right), grid)
+            n = max(len(left), len(right), self._grid() - self._written)
         else:
             lagging = self._pacer.position * FRAME_BYTES - self._gap_offset
-            for channel in (left, right):
-                if len(channel) < lagging:
-                    self._catch_up(channel)
+            if len(left) < lagging:
+                left += self._silence_to(len(left))
+            if len(right) < lagging:
+                right += self._silence_to(len(right))
             n = min(len(left), len(right))
             n = max(n, len(left) - MAX_AHEAD, len(right) - MAX_AHEAD)
-        for channel in (left, right):
-            if len(channel) < n:
-                channel.extend(bytes(n - len(channel)))
+        if len(left) < n:
+            left += bytes(n - len(left))
+        if len(right) < n:
+            right += bytes(n - len(right))
+        # What is past ``n`` (audio ahead of the other channel) starts the next block.
+        self._left, self._right = [left[n:]], [right[n:]]
+        self._left_bytes = len(left) - n
         if n > 0:
-            # The buffers themselves go to the writer (no copy); only the few bytes past
-            # ``n`` (audio ahead of the other channel) start the next ones.
-            self._left, self._right = left[n:], right[n:]
-            del left[n:], right[n:]
-            block_left, block_right = left, right
             self._written += n
             self._set_offsets()
-            if not self._writer.submit_block(self.key, block_left, block_right):
+            if not self._writer.submit_block(self.key, left[:n], right[:n]):
                 self.stop(
                     f"the disk is too slow: {self._writer.max_blocks} blocks wait to be written"
                 )
@@ -388,8 +391,7 @@ class CallRecorder:
             return
         self.stopped = why
         self._cancel_timer()
-        self._left.clear()
-        self._right.clear()
+        self._left, self._right = [], []
         self._on_stopped(why)
 
     def finish(self) -> defer.Deferred[RecordingResult]:
