@@ -400,3 +400,35 @@ class RecordedCallTests(TestCase):
         yield wait_until(lambda: len(self.receiver.of_type("call.ended")) == 1)
         self.assertEqual(self.completed(), [])
         self.assertEqual(os.listdir(self.dir), [])
+
+
+def test_a_hostile_caller_id_cannot_leave_the_recordings_directory() -> None:
+    from types import SimpleNamespace
+
+    from rapida_tap.events.config import EventsSpec
+    from rapida_tap.events.publisher import CallEvents
+    from tests.test_quality import SentEvents
+
+    clock = Clock()
+    bridge = SimpleNamespace(call_started=[], call_ended=[], end_report=None, pacer=None)
+    events = CallEvents(
+        bridge,  # type: ignore[arg-type]
+        EventsSpec(),
+        clock=clock,
+        sender=SentEvents(),  # type: ignore[arg-type]
+        recordings_dir="/rec",
+        recording_name="{date}/{caller}/{assistant_id}-{context_id}.wav",
+    )
+    for caller, expected in [
+        ("../../etc/passwd", ".._.._etc_passwd"),  # one name, not a way up
+        ("..", "__"),
+        ("", "unknown"),
+        ("+49 30 1234", "+49_30_1234"),
+    ]:
+        call = SimpleNamespace(
+            context=CallContext("c1", "a/b", caller),
+            started_at=0.0,
+            leg=SimpleNamespace(transport_name="audiosocket"),
+        )
+        path = events.recording_path(call)  # type: ignore[arg-type]
+        assert path == f"/rec/1970-01-01/{expected}/a_b-c1.wav", path
