@@ -100,13 +100,13 @@ class FakeWriter:
     def submit_open(self, key: int, path: str, error: Any) -> None:
         self.opened.append(path)
 
-    def submit_block(self, key: int, left: bytes, right: bytes) -> bool:
-        assert len(left) == len(right)
+    def submit_block(self, key: int, stereo: memoryview) -> bool:
         if self.blocks >= self.max_blocks:
             return False
         self.blocks += 1
-        self.left += left
-        self.right += right
+        samples = np.frombuffer(stereo, dtype="<i2")
+        self.left += samples[0::2].tobytes()
+        self.right += samples[1::2].tobytes()
         return True
 
     def submit_close(self, key: int, done: Any) -> None:

@@ -8,8 +8,10 @@ each tick sent, a silent tick being silence; the left channel is caller audio as
 Short lags (jitter, a stall made up by a burst) stay contiguous; a channel that lags the grid
 by more than ``GAP`` (the caller fell silent, the leg was held) gets silence in the gap.
 
-On the reactor thread a ``CallRecorder`` only appends bytes to two buffers (the media path
-calls ``caller`` and ``played``) and, once a second, hands a block to the ``RecordingWriter``.
+On the reactor thread a ``CallRecorder`` only appends frames to two lists (the media path
+calls ``caller``, ``played`` and ``silent``) and, once a second, interleaves them into one
+block for the ``RecordingWriter``, whose thread then only makes write system calls (the GIL
+is free meanwhile, so the media path never waits for it).
 The writer is one thread for the node with a bounded queue: when it holds ``max_blocks``
 blocks (the disk is slow) or a write fails (the disk is full), that recording stops with one
 log line and a metric, and the call goes on.  Whatever was written is finalised (a valid WAV
@@ -24,6 +26,7 @@ import hashlib
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -49,6 +52,8 @@ SLACK = 3 * FRAME_BYTES
 #: how far one channel may run ahead of the other before the gap is written as silence
 MAX_AHEAD = 5 * BYTES_PER_SECOND
 FLUSH_INTERVAL = 1.0  # seconds between blocks handed to the writer
+#: each channel's buffer: a block and some room (a buffer grows if it must, never shrinks)
+BUFFER_BYTES = 2 * BYTES_PER_SECOND
 #: seconds between the writer thread's rounds while recordings are open: blocks wait for the
 #: next round instead of waking the thread one by one (one wake-up, not one per call)
 WRITE_INTERVAL = 0.5
@@ -75,7 +80,7 @@ def wav_header(data_bytes: int, rate: int = SAMPLE_RATE) -> bytes:
     )
 
 
-def interleave(left: bytes, right: bytes) -> memoryview:
+def interleave(left: bytes | memoryview, right: bytes | memoryview) -> memoryview:
     """Two mono PCM16 buffers of equal length as one stereo buffer (L R L R ...)."""
     out = np.empty(len(left), dtype="<i2")  # len(left) bytes = 2 channels of len/2 samples
     out[0::2] = np.frombuffer(left, dtype="<i2")
@@ -174,13 +179,13 @@ class RecordingWriter:
         self.start()
         self._put(("open", key, path, error))
 
-    def submit_block(self, key: int, left: bytes, right: bytes) -> bool:
-        """Queue one block (equal lengths, each channel's bytes); the writer owns them now."""
+    def submit_block(self, key: int, stereo: memoryview) -> bool:
+        """Queue one block of interleaved audio; the writer owns it now."""
         with self._cond:
             if self._blocks >= self.max_blocks:
                 return False
             self._blocks += 1
-            self._jobs.append(("write", key, left, right))
+            self._jobs.append(("write", key, stereo))
         return True  # no wake-up: the thread takes blocks in batches (WRITE_INTERVAL)
 
     def submit_close(self, key: int, done: Callable[[RecordingResult], None]) -> None:
@@ -210,6 +215,7 @@ class RecordingWriter:
                 if job[0] == "write":
                     with self._cond:
                         self._blocks -= 1
+                    time.sleep(0)  # let the reactor thread have the GIL between blocks
 
     def _stopped_now(self) -> None:
         if self._stopped is not None and not self._stopped.called:
@@ -230,13 +236,13 @@ class RecordingWriter:
             f.error = _os_error(e)
             self._call_from_thread(error, f.error)
 
-    def _write(self, key: int, left: bytes, right: bytes) -> None:
+    def _write(self, key: int, stereo: memoryview) -> None:
         f = self._files.get(key)
         if f is None or f.handle is None or f.error:
             return
         try:
-            f.handle.write(interleave(left, right))
-            f.data_bytes += 2 * len(left)
+            f.handle.write(stereo)  # the GIL is released while the kernel copies
+            f.data_bytes += len(stereo)
         except OSError as e:
             f.error = _os_error(e)
             self._call_from_thread(f.on_error, f.error)
@@ -312,11 +318,13 @@ class CallRecorder:
         self._clock = clock
         self._on_stopped = on_stopped
         self._tick0 = pacer.position
-        # Each channel: the frames since the last block (joined once a second, so appending
-        # copies nothing); the caller's length in bytes, to notice a gap as audio resumes.
-        self._left: list[bytes] = []
-        self._right: list[bytes] = []
-        self._left_bytes = 0
+        # Each channel: a buffer reused from block to block, and the bytes in it.  Frames are
+        # copied in, not kept: holding a second of frame objects per call would defeat the
+        # allocator's reuse of their memory.
+        self._left = bytearray(BUFFER_BYTES)
+        self._right = bytearray(BUFFER_BYTES)
+        self._left_len = 0
+        self._right_len = 0
         self._written = 0  # bytes per channel handed to the writer
         self._set_offsets()
         self.stopped = ""  # why the recording stopped early
@@ -332,52 +340,66 @@ class CallRecorder:
         """Precompute where a channel's buffer ends when it lags the grid by ``GAP``."""
         self._gap_offset = self._tick0 * FRAME_BYTES + self._written + GAP
 
-    def _silence_to(self, have: int) -> bytes:
-        """After a gap: the silence that brings ``have`` bytes to ``SLACK`` behind the grid."""
-        return bytes(max(0, self._grid() - SLACK - self._written - have))
+    def _pad(self, channel: bytearray, have: int, to: int) -> int:
+        """Silence in ``channel`` from ``have`` to ``to`` bytes; the new length."""
+        if to > have:
+            channel[have:to] = bytes(to - have)
+            return to
+        return have
+
+    def _catch_up(self, channel: bytearray, have: int) -> int:
+        """After a gap: silence up to ``SLACK`` behind the grid."""
+        return self._pad(channel, have, self._grid() - SLACK - self._written)
 
     def caller(self, pcm: bytes) -> None:
         """Caller audio as received (media path)."""
-        if self._left_bytes < self._pacer.position * FRAME_BYTES - self._gap_offset:
-            gap = self._silence_to(self._left_bytes)
-            self._left.append(gap)
-            self._left_bytes += len(gap)
-        self._left.append(pcm)
-        self._left_bytes += len(pcm)
+        have = self._left_len
+        if have < self._pacer.position * FRAME_BYTES - self._gap_offset:
+            have = self._catch_up(self._left, have)
+        end = have + len(pcm)
+        self._left[have:end] = pcm
+        self._left_len = end
 
     def played(self, frame: bytes) -> None:
-        """A frame the leg took (media path).  Every tick appends a frame or silence, so only
+        """A frame the leg took (media path).  Every tick adds a frame or silence, so only
         ticks without either (a held leg, a stalled process) leave a gap: ``_flush`` fills it."""
-        self._right.append(frame)
+        have = self._right_len
+        self._right[have : have + FRAME_BYTES] = frame
+        self._right_len = have + FRAME_BYTES
 
     def silent(self) -> None:
         """A tick with nothing to play (media path)."""
-        self._right.append(SILENCE)
+        have = self._right_len
+        self._right[have : have + FRAME_BYTES] = SILENCE
+        self._right_len = have + FRAME_BYTES
 
     def _flush(self, final: bool = False) -> None:
         self._timer = None
-        left, right = b"".join(self._left), b"".join(self._right)
+        left, right = self._left, self._right
+        left_len, right_len = self._left_len, self._right_len
         if final:
-            n = max(len(left), len(right), self._grid() - self._written)
+            n = max(left_len, right_len, self._grid() - self._written)
         else:
             lagging = self._pacer.position * FRAME_BYTES - self._gap_offset
-            if len(left) < lagging:
-                left += self._silence_to(len(left))
-            if len(right) < lagging:
-                right += self._silence_to(len(right))
-            n = min(len(left), len(right))
-            n = max(n, len(left) - MAX_AHEAD, len(right) - MAX_AHEAD)
-        if len(left) < n:
-            left += bytes(n - len(left))
-        if len(right) < n:
-            right += bytes(n - len(right))
+            if left_len < lagging:
+                left_len = self._catch_up(left, left_len)
+            if right_len < lagging:
+                right_len = self._catch_up(right, right_len)
+            n = min(left_len, right_len)
+            n = max(n, left_len - MAX_AHEAD, right_len - MAX_AHEAD)
+        left_len = self._pad(left, left_len, n)
+        right_len = self._pad(right, right_len, n)
+        stereo = interleave(memoryview(left)[:n], memoryview(right)[:n]) if n > 0 else None
         # What is past ``n`` (audio ahead of the other channel) starts the next block.
-        self._left, self._right = [left[n:]], [right[n:]]
-        self._left_bytes = len(left) - n
-        if n > 0:
+        left[: left_len - n] = left[n:left_len]
+        right[: right_len - n] = right[n:right_len]
+        self._left_len, self._right_len = left_len - n, right_len - n
+        if stereo is not None:
             self._written += n
             self._set_offsets()
-            if not self._writer.submit_block(self.key, left[:n], right[:n]):
+            # Interleaved here, spread over the calls' timers: the writer thread then holds
+            # the GIL for next to nothing, so it never holds up the media path.
+            if not self._writer.submit_block(self.key, stereo):
                 self.stop(
                     f"the disk is too slow: {self._writer.max_blocks} blocks wait to be written"
                 )
@@ -391,7 +413,8 @@ class CallRecorder:
             return
         self.stopped = why
         self._cancel_timer()
-        self._left, self._right = [], []
+        self._left, self._right = bytearray(), bytearray()
+        self._left_len = self._right_len = 0
         self._on_stopped(why)
 
     def finish(self) -> defer.Deferred[RecordingResult]:
