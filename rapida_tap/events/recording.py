@@ -52,8 +52,6 @@ SLACK = 3 * FRAME_BYTES
 #: how far one channel may run ahead of the other before the gap is written as silence
 MAX_AHEAD = 5 * BYTES_PER_SECOND
 FLUSH_INTERVAL = 1.0  # seconds between blocks handed to the writer
-#: each channel's buffer: a block and some room (a buffer grows if it must, never shrinks)
-BUFFER_BYTES = 2 * BYTES_PER_SECOND
 #: seconds between the writer thread's rounds while recordings are open: blocks wait for the
 #: next round instead of waking the thread one by one (one wake-up, not one per call)
 WRITE_INTERVAL = 0.5
@@ -318,13 +316,11 @@ class CallRecorder:
         self._clock = clock
         self._on_stopped = on_stopped
         self._tick0 = pacer.position
-        # Each channel: a buffer reused from block to block, and the bytes in it.  Frames are
-        # copied in, not kept: holding a second of frame objects per call would defeat the
-        # allocator's reuse of their memory.
-        self._left = bytearray(BUFFER_BYTES)
-        self._right = bytearray(BUFFER_BYTES)
-        self._left_len = 0
-        self._right_len = 0
+        # Each channel: the frames since the last block, by reference (joined once a second,
+        # so the media path copies nothing); the caller's bytes, to notice a gap as it ends.
+        self._left: list[bytes] = []
+        self._right: list[bytes] = []
+        self._left_bytes = 0
         self._written = 0  # bytes per channel handed to the writer
         self._set_offsets()
         self.stopped = ""  # why the recording stopped early
@@ -340,66 +336,54 @@ class CallRecorder:
         """Precompute where a channel's buffer ends when it lags the grid by ``GAP``."""
         self._gap_offset = self._tick0 * FRAME_BYTES + self._written + GAP
 
-    def _pad(self, channel: bytearray, have: int, to: int) -> int:
-        """Silence in ``channel`` from ``have`` to ``to`` bytes; the new length."""
-        if to > have:
-            channel[have:to] = bytes(to - have)
-            return to
-        return have
-
-    def _catch_up(self, channel: bytearray, have: int) -> int:
-        """After a gap: silence up to ``SLACK`` behind the grid."""
-        return self._pad(channel, have, self._grid() - SLACK - self._written)
+    def _silence_to(self, have: int) -> bytes:
+        """After a gap: the silence that brings ``have`` bytes to ``SLACK`` behind the grid."""
+        return bytes(max(0, self._grid() - SLACK - self._written - have))
 
     def caller(self, pcm: bytes) -> None:
         """Caller audio as received (media path)."""
-        have = self._left_len
-        if have < self._pacer.position * FRAME_BYTES - self._gap_offset:
-            have = self._catch_up(self._left, have)
-        end = have + len(pcm)
-        self._left[have:end] = pcm
-        self._left_len = end
+        if self._left_bytes < self._pacer.position * FRAME_BYTES - self._gap_offset:
+            gap = self._silence_to(self._left_bytes)
+            self._left.append(gap)
+            self._left_bytes += len(gap)
+        self._left.append(pcm)
+        self._left_bytes += len(pcm)
 
     def played(self, frame: bytes) -> None:
         """A frame the leg took (media path).  Every tick adds a frame or silence, so only
         ticks without either (a held leg, a stalled process) leave a gap: ``_flush`` fills it."""
-        have = self._right_len
-        self._right[have : have + FRAME_BYTES] = frame
-        self._right_len = have + FRAME_BYTES
+        self._right.append(frame)
 
     def silent(self) -> None:
         """A tick with nothing to play (media path)."""
-        have = self._right_len
-        self._right[have : have + FRAME_BYTES] = SILENCE
-        self._right_len = have + FRAME_BYTES
+        self._right.append(SILENCE)
 
     def _flush(self, final: bool = False) -> None:
         self._timer = None
-        left, right = self._left, self._right
-        left_len, right_len = self._left_len, self._right_len
+        left, right = b"".join(self._left), b"".join(self._right)
         if final:
-            n = max(left_len, right_len, self._grid() - self._written)
+            n = max(len(left), len(right), self._grid() - self._written)
         else:
             lagging = self._pacer.position * FRAME_BYTES - self._gap_offset
-            if left_len < lagging:
-                left_len = self._catch_up(left, left_len)
-            if right_len < lagging:
-                right_len = self._catch_up(right, right_len)
-            n = min(left_len, right_len)
-            n = max(n, left_len - MAX_AHEAD, right_len - MAX_AHEAD)
-        left_len = self._pad(left, left_len, n)
-        right_len = self._pad(right, right_len, n)
-        stereo = interleave(memoryview(left)[:n], memoryview(right)[:n]) if n > 0 else None
+            if len(left) < lagging:
+                left += self._silence_to(len(left))
+            if len(right) < lagging:
+                right += self._silence_to(len(right))
+            n = min(len(left), len(right))
+            n = max(n, len(left) - MAX_AHEAD, len(right) - MAX_AHEAD)
+        if len(left) < n:
+            left += bytes(n - len(left))
+        if len(right) < n:
+            right += bytes(n - len(right))
         # What is past ``n`` (audio ahead of the other channel) starts the next block.
-        left[: left_len - n] = left[n:left_len]
-        right[: right_len - n] = right[n:right_len]
-        self._left_len, self._right_len = left_len - n, right_len - n
-        if stereo is not None:
+        self._left, self._right = [left[n:]], [right[n:]]
+        self._left_bytes = len(left) - n
+        if n > 0:
             self._written += n
             self._set_offsets()
             # Interleaved here, spread over the calls' timers: the writer thread then holds
             # the GIL for next to nothing, so it never holds up the media path.
-            if not self._writer.submit_block(self.key, stereo):
+            if not self._writer.submit_block(self.key, interleave(left[:n], right[:n])):
                 self.stop(
                     f"the disk is too slow: {self._writer.max_blocks} blocks wait to be written"
                 )
@@ -413,8 +397,7 @@ class CallRecorder:
             return
         self.stopped = why
         self._cancel_timer()
-        self._left, self._right = bytearray(), bytearray()
-        self._left_len = self._right_len = 0
+        self._left, self._right = [], []
         self._on_stopped(why)
 
     def finish(self) -> defer.Deferred[RecordingResult]:
