@@ -176,3 +176,36 @@ class QualityReportTests(SynchronousTestCase):
         self.assertIsNone(q["pacing_error_p50_ms"])
         self.assertEqual(q["ticks"], 0)
         self.assertEqual(q["queue_depth_mean"], 0.0)
+
+
+class BrokenReportTests(SynchronousTestCase):
+    def test_a_failing_report_still_leaves_the_end_line_and_the_other_hooks(self) -> None:
+        from rapida_tap.events import publisher
+
+        clock = Clock()
+        store = MemoryContextStore(clock)
+        self.addCleanup(store.close)
+        bridge = MediaBridge(
+            clock=clock,
+            contexts=store,
+            assistants=AssistantRegistry(default=RecordingAssistant()),
+            idle_timeout=0,
+        )
+        self.addCleanup(bridge.pacer.stop)
+        CallEvents(bridge, EventsSpec(), clock=clock, sender=SentEvents())  # type: ignore[arg-type]
+        ended: list[Any] = []
+        bridge.call_ended.append(ended.append)
+
+        def broken(*args: Any) -> dict[str, Any]:
+            raise ValueError("a bug")
+
+        self.patch(publisher, "build_report", broken)
+        logs = capture_logs(self)
+        cid = new_context_id()
+        store.mint(CallContext(cid, "a"), 60)
+        call = self.successResultOf(bridge.open_call(cid, FakeLeg()))
+        call.end(EndReason.CALLER_HANGUP)
+        self.assertEqual(ended, [call])
+        (line,) = [e for e in logs.events if "quality" in e]
+        self.assertEqual(line["quality"], {"error": "the quality report failed"})
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)  # the end line, the hook

@@ -82,7 +82,7 @@ class CallEvents:
         # First of the end hooks: another may finish a drain and stop the node, whose flush
         # must find this call's events queued already.
         bridge.call_ended.insert(0, self._guarded(self._call_ended))
-        bridge.end_report = self.report
+        bridge.end_report = self._end_report
         if outbound is not None:
             outbound.status_changed.append(self._guarded(self._outbound_status))
 
@@ -114,6 +114,14 @@ class CallEvents:
         if self._metrics is not None:
             self._metrics.call_quality(report)
         return report
+
+    def _end_report(self, call: Call) -> dict[str, Any]:
+        """For the bridge's end line: the report, or a word that it failed (logged once)."""
+        try:
+            return self.report(call)
+        except Exception:
+            self.log.failure("call {ctx}: the quality report failed", ctx=call.context_id)
+            return {"error": "the quality report failed"}
 
     def _call_ended(self, call: Call) -> None:
         report = self._reports.pop(call, None)
