@@ -263,7 +263,8 @@ class WebhookIntegrationTests(TestCase):
         port = self.listen()
         daemon = self.start(port)
         ctx, _, _ = yield self.echo_call(daemon)
-        yield wait_until(lambda: len(self.receiver.of_type(CALL_ENDED)) == 1)
+        sender = daemon.events.sender
+        yield wait_until(lambda: len(self.receiver.of_type(CALL_ENDED)) == 1 and not sender.pending)
         (started,) = self.receiver.of_type(CALL_STARTED)
         (ended,) = self.receiver.of_type(CALL_ENDED)
         self.assertEqual(started.data["context_id"], ctx)
@@ -330,7 +331,8 @@ class WebhookIntegrationTests(TestCase):
         port = int(probe.getHost().port)
         yield probe.stopListening()
         daemon = self.start(port)
-        daemon.events.sender.retry_delays = (0.2, 0.4, 0.8, 1.6)  # the schedule, shrunk
+        # The schedule, shrunk to 7.5 s: the call (about 1.5 s) ends well within it.
+        daemon.events.sender.retry_delays = (0.5, 1.0, 2.0, 4.0)
         logs = capture_logs(self)
         ctx, sent, client = yield self.echo_call(daemon, frames=50)
         # While the receiver was down the call ran as always: every frame came back, in order.
@@ -339,7 +341,8 @@ class WebhookIntegrationTests(TestCase):
         self.assertEqual(self.receiver.accepted, [])
         self.assertGreater(daemon.events.sender.pending, 0)
         self.listen(port)  # the receiver comes back
-        yield wait_until(lambda: len(self.receiver.accepted) == 2, timeout=10)
+        sender = daemon.events.sender  # the receiver has both; the sender has its answers:
+        yield wait_until(lambda: len(self.receiver.accepted) == 2 and not sender.pending, 15)
         started, ended = sorted(self.receiver.accepted, key=lambda d: d.type != CALL_STARTED)
         self.assertEqual((started.type, ended.type), (CALL_STARTED, CALL_ENDED))
         self.assertEqual(ended.data["context_id"], ctx)
