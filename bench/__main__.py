@@ -47,6 +47,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--peer", help="an AudioSocket echo server command with {port}, not rapida")
     p.add_argument(
+        "--record",
+        metavar="DIR",
+        help="record every call into DIR (stereo WAV, docs/events.md); off by default",
+    )
+    p.add_argument(
         "--noise-probe", type=float, default=1.0, help="host timer-noise probe, s (0: off) [1]"
     )
     p.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
@@ -135,7 +140,9 @@ def _config(args: argparse.Namespace, calls: int) -> LoadConfig:
 def _start(args: argparse.Namespace, peer: str | None) -> servers.Server:
     if peer:
         return servers.start_peer(peer, args.core)
-    return servers.start_daemon(args.core, tls=args.transport == WSS)
+    return servers.start_daemon(
+        args.core, tls=args.transport == WSS, record_dir=getattr(args, "record", None)
+    )
 
 
 def one_run(args: argparse.Namespace, calls: int, peer: str | None = None) -> dict[str, Any]:

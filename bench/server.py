@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import re
 import resource
@@ -85,6 +86,7 @@ class Server:
     ws_port: int | None = None  # chan_websocket endpoint: the --http port, or --https for wss
     tls: bool = False  # ws_port speaks TLS (a lab certificate in _tls_dir)
     _tls_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+    _config_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -127,6 +129,8 @@ class Server:
         self.log_path.unlink(missing_ok=True)
         if self._tls_dir is not None:
             self._tls_dir.cleanup()
+        if self._config_dir is not None:
+            self._config_dir.cleanup()
 
 
 def _pin(core: int | None) -> list[str]:
@@ -195,11 +199,13 @@ def start_daemon(
     tls: bool = False,
     nofile: int | None = None,
     trace_dir: str | None = None,
+    record_dir: str | None = None,
 ) -> Server:
     """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given.
 
     Its chan_websocket endpoint is on the ``--http`` port; with ``tls`` also on an ``--https``
-    port (a lab certificate made in a temporary directory), which is then ``ws_port``.
+    port (a lab certificate made in a temporary directory), which is then ``ws_port``.  With
+    ``record_dir`` every call is recorded there (a config file in a temporary directory).
     """
     as_port, http_port = free_port(), free_port()
     https: list[str] = []
@@ -231,6 +237,15 @@ def start_daemon(
         f"tcp:{as_port}:interface=127.0.0.1",
         *https,
     ]
+    config_dir = None
+    if record_dir:
+        config_dir = tempfile.TemporaryDirectory(prefix="bench-config-")
+        config = Path(config_dir.name) / "record.toml"
+        config.write_text(
+            f"recordings_dir = {json.dumps(str(record_dir))}\n"
+            '[assistants.default]\nurl = "echo"\nrecord = true\n'
+        )
+        command.append(f"--config={config}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("RAPIDA_RATE_LIMIT", "1000000000")
@@ -241,6 +256,7 @@ def start_daemon(
     env.update(extra_env or {})
     server = _spawn("rapida-asterisk", command, env, as_port, http_port, core, nofile)
     server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir
+    server._config_dir = config_dir
     # tracemalloc makes start-up several times slower
     up = 120.0 if trace_dir else 15.0
     _wait(server, lambda: _healthy(http_port) and _listening(ws_port), timeout=up)

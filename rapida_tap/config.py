@@ -63,6 +63,12 @@ class Settings:
     drain_timeout: float = 0.0  # seconds live calls may run on after a drain starts; 0: no limit
     metrics: str = ""  # endpoint of its own for /metrics; "" = /metrics on the HTTP site
     api_keys_file: str = ""  # one key a line, e.g. a systemd credential: %d/api-keys
+    # call events (docs/events.md)
+    webhook_max_pending: int = 1000  # deliveries queued, in flight or awaiting a retry
+    webhook_flush_timeout: float = 10.0  # seconds pending deliveries may take at stop
+    recordings_dir: str = "/var/lib/rapida-asterisk/recordings"
+    recording_name: str = "{date}/{context_id}.wav"
+    webhooks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     assistants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     api_key_generated: bool = False
@@ -104,8 +110,12 @@ SCALARS: dict[str, type] = {
     "drain_timeout": float,
     "metrics": str,
     "api_keys_file": str,
+    "webhook_max_pending": int,
+    "webhook_flush_timeout": float,
+    "recordings_dir": str,
+    "recording_name": str,
 }
-TABLES = ("assistants", "providers")
+TABLES = ("assistants", "providers", "webhooks")
 ENV_PREFIX = "RAPIDA_"
 
 
@@ -162,6 +172,10 @@ def build_settings(
 
     check_transfer_template(settings.transfer_endpoint, "transfer_endpoint")
     check_transfer_template(settings.transfer_sip_endpoint, "transfer_sip_endpoint", sip=True)
+
+    from rapida_tap.events.config import parse_events
+
+    parse_events(settings.webhooks, settings.assistants, environ)
     return settings
 
 
@@ -266,5 +280,14 @@ def validate(s: Settings) -> None:
         parts = urlsplit(s.public_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"--public-url: {s.public_url!r} is not an http(s):// URL")
+    if s.webhook_max_pending < 1:
+        raise ConfigError("webhook_max_pending: must be at least 1")
+    if s.webhook_flush_timeout < 0:
+        raise ConfigError("webhook_flush_timeout: must be 0 (no wait) or more seconds")
+    if not s.recordings_dir:
+        raise ConfigError("recordings_dir: must be a directory")
+    from rapida_tap.events.config import check_recording_name
+
+    check_recording_name(s.recording_name)
     if not s.audiosocket and not s.http and not s.https:
         raise ConfigError("--audiosocket/--http/--https: at least one listener is needed")

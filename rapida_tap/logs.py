@@ -8,8 +8,10 @@ One JSON object per line on stdout (journald, Docker, Vector, Promtail read it a
 
 ``message`` is the formatted text line; the event's own fields (``ctx``, ``reason``,
 ``transport``, ``frames_in``…) follow as they are, so a shipper can filter on them without
-parsing text.  Twisted's ``jsonFileLogObserver`` is not used: its records are meant to be read
-back by Twisted (``\\x1e`` separators, every internal ``log_*`` key, no formatted message).
+parsing text; a field that is a flat dict of such values (the call-end line's ``quality``)
+is kept as a JSON object.  Twisted's ``jsonFileLogObserver`` is not used: its records are
+meant to be read back by Twisted (``\\x1e`` separators, every internal ``log_*`` key, no
+formatted message).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def event_as_json(event: dict[str, Any]) -> str:
             continue
         if isinstance(value, _SCALARS):
             record[key] = value
+        elif isinstance(value, dict) and all(isinstance(v, _SCALARS) for v in value.values()):
+            record[key] = value  # a flat record, e.g. the call-end line's quality report
     return json.dumps(record, ensure_ascii=False, default=str) + "\n"
 
 

@@ -290,6 +290,105 @@ class TimedContextStore:
         return d.addBoth(done)
 
 
+#: seconds from an event to its receiver's 2xx (retries are minutes apart)
+WEBHOOK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 150.0)
+#: seconds, per call: first-audio latency, barge-in (clear to silence) latency
+CALL_LATENCY_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class EventMetrics:
+    """Webhook deliveries, recordings, and each ended call's quality report, summarised.
+
+    Fed as things happen: once per delivery outcome, once per recording, once per call.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deliveries = Counter(
+            "rapida_webhook_deliveries",
+            "Webhook deliveries by outcome: delivered (2xx), failed (refused, or every try "
+            "failed), dropped (the queue was full).",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.delivery_seconds = Histogram(
+            "rapida_webhook_delivery_seconds",
+            "From an event to its receiver's 2xx answer, retries included.",
+            ["endpoint"],
+            buckets=WEBHOOK_BUCKETS,
+            registry=registry,
+        )
+        self.recordings = Counter(
+            "rapida_recordings",
+            "Call recordings by outcome: completed, or stopped early (slow or full disk).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.first_audio = Histogram(
+            "rapida_call_first_audio_seconds",
+            "Per call: from the first caller frame to the first assistant frame played.",
+            ["transport"],
+            buckets=CALL_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.barge_in = Histogram(
+            "rapida_call_barge_in_seconds",
+            "Per call with a barge-in: the longest time from a clear to silence.",
+            ["transport"],
+            buckets=LATENESS_BUCKETS,
+            registry=registry,
+        )
+        self.pacing_p99 = Histogram(
+            "rapida_call_pacing_error_p99_seconds",
+            "Per call: the 99th percentile of how late its ticks were against the 20 ms grid.",
+            ["transport"],
+            buckets=LATENESS_BUCKETS,
+            registry=registry,
+        )
+        self.call_events = Counter(
+            "rapida_call_events",
+            "Per-call counts from the quality reports of ended calls: barge_ins, dtmf, xoff, "
+            "silence_frames, trimmed_frames, dropped_frames, marks_sent.",
+            ["transport", "kind"],
+            registry=registry,
+        )
+
+    def delivered(self, endpoint: str, seconds: float) -> None:
+        self.deliveries.labels(endpoint, "delivered").inc()
+        self.delivery_seconds.labels(endpoint).observe(seconds)
+
+    def failed(self, endpoint: str) -> None:
+        self.deliveries.labels(endpoint, "failed").inc()
+
+    def dropped(self, endpoint: str) -> None:
+        self.deliveries.labels(endpoint, "dropped").inc()
+
+    def recording(self, outcome: str) -> None:
+        self.recordings.labels(outcome).inc()
+
+    def call_quality(self, report: dict[str, Any]) -> None:
+        transport = str(report["transport"])
+        if report["first_audio_ms"] is not None:
+            self.first_audio.labels(transport).observe(report["first_audio_ms"] / 1000)
+        if report["barge_in_ms_max"] is not None:
+            self.barge_in.labels(transport).observe(report["barge_in_ms_max"] / 1000)
+        if report["pacing_error_p99_ms"] is not None:
+            self.pacing_p99.labels(transport).observe(report["pacing_error_p99_ms"] / 1000)
+        for kind in _SUMMED:
+            if report[kind]:
+                self.call_events.labels(transport, kind).inc(report[kind])
+
+
+_SUMMED = (
+    "barge_ins",
+    "dtmf",
+    "xoff",
+    "silence_frames",
+    "trimmed_frames",
+    "dropped_frames",
+    "marks_sent",
+)
+
+
 class NodeMetrics:
     """The registry of one node and what feeds it; ``resource`` serves it."""
 
@@ -314,6 +413,7 @@ class NodeMetrics:
             ["operation"],
             registry=self.registry,
         )
+        self.events = EventMetrics(self.registry)
         observe = self.tick_lateness.observe
         bridge.pacer.lateness_observer = lambda late: observe(late if late > 0 else 0.0)
 

@@ -10,7 +10,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import treq.client
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 
 from rapida_tap import __version__, tls
@@ -24,17 +27,27 @@ from rapida_tap.contexts import MemoryContextStore
 from rapida_tap.control_rules import policies
 from rapida_tap.dialplan import startup_dialplan
 from rapida_tap.drain import Drain, DrainState
+from rapida_tap.events.config import parse_events
+from rapida_tap.events.publisher import CallEvents
+from rapida_tap.events.recording import RecordingWriter
+from rapida_tap.events.webhooks import WebhookSender
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.listeners import Listener
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.listener import LegListener
-from rapida_tap.metrics import ListenerCollector, NodeCollector, NodeMetrics
+from rapida_tap.metrics import EventMetrics, ListenerCollector, NodeCollector, NodeMetrics
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
 from rapida_tap.redis_store import RedisContextStore
 from rapida_tap.redis_url import RedisURLError
-from rapida_tap.services import BridgeService, ContextStoreService, NodeService, OutboundService
+from rapida_tap.services import (
+    BridgeService,
+    ContextStoreService,
+    EventsService,
+    NodeService,
+    OutboundService,
+)
 from rapida_tap.web import twilio_calls
 from rapida_tap.web.admin import DrainResource
 from rapida_tap.web.auth import ApiKeys
@@ -64,6 +77,49 @@ def make_context_store(settings: Settings, reactor: Any) -> IContextStore:
 def make_assistants(settings: Settings, reactor: Any) -> AssistantRegistry:
     spec = parse_assistants(settings.assistants, settings.assistant, os.environ)
     return build_registry(spec, reactor)
+
+
+def make_events(
+    settings: Settings,
+    reactor: Any,
+    bridge: MediaBridge,
+    outbound: OutboundCalls,
+    metrics: EventMetrics,
+    pool: HTTPConnectionPool,
+) -> CallEvents:
+    """Webhooks and recordings, subscribed to the bridge and the outbound service."""
+    spec = parse_events(settings.webhooks, settings.assistants, os.environ)
+    sender = WebhookSender(
+        treq.client.HTTPClient(Agent(reactor, pool=pool)),
+        reactor,
+        max_pending=settings.webhook_max_pending,
+        observer=metrics,
+    )
+    writer = None
+    if spec.records_any:
+        check_writable(settings.recordings_dir)
+        writer = RecordingWriter(reactor.callFromThread)
+    return CallEvents(
+        bridge,
+        spec,
+        clock=reactor,
+        sender=sender,
+        writer=writer,
+        recordings_dir=settings.recordings_dir,
+        recording_name=settings.recording_name,
+        outbound=outbound,
+        metrics=metrics,
+    )
+
+
+def check_writable(directory: str) -> None:
+    """Recordings fail at start-up, in one line, rather than on the first recorded call."""
+    try:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"recordings_dir: cannot create {directory}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"recordings_dir: {directory} is not writable by this user")
 
 
 class Daemon:
@@ -168,6 +224,11 @@ class Daemon:
                 store_healthy=store_healthy,
             )
         )
+        self.webhook_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.webhook_pool.maxPersistentPerHost = 4
+        self.events = make_events(
+            settings, reactor, self.bridge, self.outbound, self.metrics.events, self.webhook_pool
+        )
         self.metrics_site: GuardedSite | None = None
         if settings.metrics:
             metrics_root = PathTree()
@@ -227,8 +288,15 @@ class Daemon:
         self.listeners[name] = admission
         return admission
 
+    def stop_events(self) -> defer.Deferred[None]:
+        """After the calls ended: recordings finalised, webhooks flushed, connections closed."""
+        d = self.events.stop(self.settings.webhook_flush_timeout)
+        d.addBoth(lambda _: self.webhook_pool.closeCachedConnections())
+        return d.addCallback(lambda _: None)
+
     def service(self) -> NodeService:
         top = NodeService(self.drain, ContextStoreService(self.contexts), self.reactor)
+        EventsService(self.stop_events).setServiceParent(top)  # stops last: after the calls
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)
         settings = self.settings

@@ -104,7 +104,7 @@ class OutboundCalls:
         self._records = CallRecords(clock, max_ended=max_ended, retention=ended_retention)
         self._live = self._records.live
         self._pending: set[Deferred[Any]] = set()
-        #: called with a record after each change of its status (call control stores it)
+        #: called with a record after each change of its status (call control, webhooks)
         self.changed: list[Callable[[OutboundCall], None]] = []
         bridge.call_started.append(self._call_started)
         bridge.call_ended.append(self._call_ended)
@@ -203,6 +203,7 @@ class OutboundCalls:
         record.originated = True
         if record.status == Status.ORIGINATING:
             record.move(Status.RINGING)
+            record.ringing_at = self._clock.seconds()
             self.log.info(
                 "outbound call {ctx} to {to} via {provider}: ringing on channel {channel} "
                 "(assistant={assistant_id} transport={transport} dialplan={dialplan})",

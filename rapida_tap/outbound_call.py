@@ -87,6 +87,7 @@ class OutboundCall:
     status: Status = Status.ORIGINATING
     reason: str | None = None
     detail: str = ""
+    ringing_at: float | None = None
     connected_at: float | None = None
     ended_at: float | None = None
     originated: bool = False  # ARI created the channel

@@ -32,6 +32,22 @@ class BridgeService(service.Service):
         self.bridge.pacer.stop()
 
 
+class EventsService(service.Service):
+    """Finalises recordings and flushes pending webhooks when the node stops.
+
+    Added to ``NodeService`` before ``BridgeService``, so it is stopped after it (a
+    ``MultiService`` stops its children in reverse order): by then every call has ended and its
+    ``call.ended`` is queued.
+    """
+
+    def __init__(self, stop: Callable[[], defer.Deferred[None]]) -> None:
+        self._stop = stop
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self._stop()
+
+
 class ContextStoreService(service.Service):
     """Connects the Redis store at start; closes any store (memory timers, Redis) at stop."""
 

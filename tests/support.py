@@ -46,6 +46,7 @@ def start_daemon(testcase: Any, **overrides: Any) -> Daemon:
         daemon.bridge.end_all("test-over")
         daemon.bridge.pacer.stop()
         yield daemon.outbound.stop()
+        yield daemon.stop_events()
         yield defer.gatherResults(
             [
                 defer.maybeDeferred(as_port.stopListening),

@@ -5,10 +5,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from rapida_tap.assistants.config import BOT_OPTIONS as ASSISTANT_KEYS
-from rapida_tap.assistants.config import ECHO, parse_assistants
+from rapida_tap.assistants.config import BOT_OPTIONS, CALL_OPTIONS, ECHO, parse_assistants
 from rapida_tap.config import SCALARS, TABLES, Settings, build_settings
 from rapida_tap.dialplan import SAMPLE_VALUES, audiosocket_dialplan
+from rapida_tap.events.config import ENDPOINT_KEYS
 from rapida_tap.providers import PROVIDER_KEYS
 
 ETC = Path(__file__).resolve().parents[1] / "etc"
@@ -87,7 +87,11 @@ def test_sample_config_lists_every_setting_the_daemon_knows() -> None:
     (provider,) = documented["providers"].values()
     assert set(provider) == set(PROVIDER_KEYS)
     listed = [t for name, t in documented["assistants"].items() if name != "default"]
-    assert set().union(*listed) == set(ASSISTANT_KEYS)
+    assert set().union(*listed) == BOT_OPTIONS | CALL_OPTIONS
+    (endpoint,) = documented["webhooks"].values()
+    assert set(endpoint) == set(ENDPOINT_KEYS)
+    (own,) = documented["assistants"]["123456789"]["webhooks"].values()
+    assert set(own) <= set(ENDPOINT_KEYS)
 
 
 def test_sample_config_documents_each_setting_with_its_default() -> None:

@@ -55,6 +55,9 @@ BOT_OPTIONS = frozenset(
 )
 DEFAULT_PROTOCOL = "twilio"
 TWILIO_AUDIO = AudioFormat(MULAW, 8000)
+# Options any assistant takes (echo too), about its calls rather than its bot; validated by
+# rapida_tap.events.config: record its calls, its own webhook endpoints.
+CALL_OPTIONS = frozenset({"record", "webhooks"})
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,10 @@ def parse_assistants(
 
 
 def parse_spec(options: Mapping[str, Any], environ: Mapping[str, str], where: str) -> Spec:
+    options = {k: v for k, v in options.items() if k not in CALL_OPTIONS}
     unknown = sorted(set(options) - BOT_OPTIONS)
     if unknown:
-        known = ", ".join(sorted(BOT_OPTIONS))
+        known = ", ".join(sorted(BOT_OPTIONS | CALL_OPTIONS))
         raise ConfigError(f"{where}: unknown option {unknown[0]!r} (known: {known})")
     raw_url = options.get("url")
     url_where = where if where.startswith("--") else f"{where}.url"

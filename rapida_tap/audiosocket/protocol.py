@@ -71,6 +71,12 @@ class AudioSocketProtocol(Protocol):
     def call(self) -> Call | None:
         return self.lifecycle.call
 
+    @property
+    def codec(self) -> str:
+        """Asterisk's name of the wire format: ``slin``, ``slin16``... (for the quality report)."""
+        rate = self.sample_rate or 8000
+        return "slin" if rate == 8000 else f"slin{rate // 1000}"
+
     # -- bytes in ----------------------------------------------------------------------
 
     def connectionMade(self) -> None:

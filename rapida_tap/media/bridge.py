@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -50,6 +50,8 @@ class MediaBridge:
         self.ended_by_reason: dict[EndReason, int] = {}
         self.call_started: list[Callable[[Call], None]] = []
         self.call_ended: list[Callable[[Call], None]] = []
+        #: the ended call's quality report, logged in its end line (``rapida_tap.events``)
+        self.end_report: Callable[[Call], dict[str, Any]] | None = None
 
     def open_call(self, context_id: str, leg: ICallLeg) -> defer.Deferred[Call]:
         """Claim ``context_id`` and start its call on ``leg``.
@@ -108,6 +110,7 @@ class MediaBridge:
     def _ended(self, reason: EndReason, call: Call) -> EndReason:
         self.calls.pop(call.context_id, None)
         self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
+        extra = {} if self.end_report is None else {"quality": self.end_report(call)}
         self.log.info(
             "call {ctx} ended: {reason}{detail} after {duration:.1f}s; assistant={assistant_id} "
             "caller={caller!r} transport={transport} frames_in={frames_in} "
@@ -126,6 +129,7 @@ class MediaBridge:
             caller_rate=call.caller_rate or "-",
             rate=call.rate,
             assistant_rate=call.assistant_rate,
+            **extra,
         )
         for hook in self.call_ended:
             hook(call)

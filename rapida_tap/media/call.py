@@ -15,6 +15,7 @@ from rapida_tap.reasons import EndReason
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.contexts import CallContext
+    from rapida_tap.events.recording import CallRecorder
     from rapida_tap.interfaces import IAssistantSession, ICallLeg
     from rapida_tap.media.pacer import Pacer
 
@@ -98,6 +99,23 @@ class Call:
         self._backlog_min = 0
         self._backlog_ticks = 0
         self.trimmed_frames = 0
+        # Quality counters (rapida_tap.events.quality reads them when the call ends).
+        self.ended_at: float | None = None
+        self.dtmf_digits = 0
+        self.marks_sent = 0
+        self.marks_echoed = 0
+        self.marks_settled = 0
+        self.barge_ins = 0
+        self.barge_in_seconds_total = 0.0
+        self.barge_in_seconds_max = 0.0
+        self._cleared_at: float | None = None
+        self.first_in_at: float | None = None
+        self.first_out_at: float | None = None
+        self.queue_depth_sum = 0
+        self.queue_depth_max = 0
+        self.lateness_at_start = pacer.lateness.snapshot()
+        self.pacing_ticks: list[int] = []  # ticks the call saw, by lateness (set at its end)
+        self.recorder: CallRecorder | None = None  # set by the recording subscriber
         self._idle_timeout = idle_timeout
         self._idle_seen = (0, 0)
         self._idle_since = self.started_at
@@ -144,7 +162,9 @@ class Call:
         return self.rate
 
     def duration(self) -> float:
-        return self._clock.seconds() - self.started_at
+        """Seconds from the start to the end (to now while the call is live)."""
+        end = self.ended_at if self.ended_at is not None else self._clock.seconds()
+        return end - self.started_at
 
     def when_ended(self) -> defer.Deferred[EndReason]:
         """A Deferred of its own for each waiter, fired with the end reason."""
@@ -209,6 +229,7 @@ class Call:
             return
         self._flush_partial()
         if self._queued == self._sent:
+            self.marks_sent += 1
             self._guard(self.leg.send_mark, name)
         else:
             self._marks.append((self._queued, name))
@@ -217,6 +238,9 @@ class Call:
         """Barge-in: drop queued audio at once; pending marks are settled as played."""
         if self.end_reason is not None:
             return
+        self.barge_ins += 1
+        if self._cleared_at is None:
+            self._cleared_at = self._clock.seconds()
         self._queue.clear()
         self._partial = b""
         self._sent = self._queued
@@ -224,7 +248,7 @@ class Call:
         self._burst = 0
         self._guard(self.leg.send_clear)
         while self._marks and self.end_reason is None:
-            self.mark_played(self._marks.popleft()[1])
+            self._settle_mark(self._marks.popleft()[1])
 
     def hangup(self, reason: EndReason = EndReason.ASSISTANT_HANGUP, detail: str = "") -> None:
         """The assistant ends the call."""
@@ -247,6 +271,10 @@ class Call:
     def audio_received(self, pcm: bytes) -> None:
         """Caller audio from the leg: PCM16 at the call's rate."""
         self.frames_in += 1
+        if self.first_in_at is None:
+            self.first_in_at = self._clock.seconds()
+        if self.recorder is not None:
+            self.recorder.caller(pcm)
         session = self.session
         if session is not None:
             try:
@@ -256,6 +284,7 @@ class Call:
 
     def dtmf_received(self, digit: str) -> None:
         self.frames_in += 1
+        self.dtmf_digits += 1
         if self.session is not None:
             self._guard(self.session.dtmf_received, digit)
 
@@ -265,7 +294,13 @@ class Call:
         if waiter is not None:
             waiter.callback(None)
             return
+        self.marks_echoed += 1
+        self._settle_mark(name)
+
+    def _settle_mark(self, name: str) -> None:
+        """Tell the assistant its mark was played (echoed by the leg, or passed by a clear)."""
         if self.session is not None and self.end_reason is None:
+            self.marks_settled += 1
             self._guard(self.session.mark_played, name)
 
     def pause(self) -> None:
@@ -288,9 +323,14 @@ class Call:
         after silence, that many extra frames go out at once, so the peer's own clock never
         runs dry between two of ours.  While paused nothing goes out, not even silence.
         """
+        queue = self._queue
+        if queue:
+            depth = len(queue)
+            self.queue_depth_sum += depth
+            if depth > self.queue_depth_max:
+                self.queue_depth_max = depth
         if self._paused:
             return
-        queue = self._queue
         if queue:
             if not self._playing and len(queue) <= self._cushion and self._preroll < self._cushion:
                 self._preroll += 1  # fill the cushion first; silence before audio is no gap
@@ -318,10 +358,22 @@ class Call:
                 self._settle_marks()
         else:
             self.silence_out += 1
+            if self._cleared_at is not None:
+                self._barge_in_silent()
+            if self.recorder is not None:
+                self.recorder.silent()
             self._backlog_min = 0
             self._gap_open = self._playing
             self._playing = False
             self.leg.send_silence()
+
+    def _barge_in_silent(self) -> None:
+        """The first silent tick after a clear: the barge-in's latency is known."""
+        latency = self._clock.seconds() - self._cleared_at  # type: ignore[operator]
+        self._cleared_at = None
+        self.barge_in_seconds_total += latency
+        if latency > self.barge_in_seconds_max:
+            self.barge_in_seconds_max = latency
 
     def pace_failed(self, failure: Failure) -> None:
         """The pacer caught an exception from ``pace``: a bug, so the call ends."""
@@ -359,7 +411,11 @@ class Call:
         self._playing = True
         self._gap_open = False
         if self.leg.send_audio(frame):
+            if self.first_out_at is None:
+                self.first_out_at = self._clock.seconds()
             self.frames_out += 1
+            if self.recorder is not None:
+                self.recorder.played(frame)
         else:
             self.dropped_frames += 1
 
@@ -372,6 +428,7 @@ class Call:
     def _settle_marks(self) -> None:
         marks = self._marks
         while marks and marks[0][0] <= self._sent and self.end_reason is None:
+            self.marks_sent += 1
             self.leg.send_mark(marks.popleft()[1])
 
     # -- ending --------------------------------------------------------------------------
@@ -423,6 +480,8 @@ class Call:
             reason, detail = self._cause
         self.end_reason = reason
         self.end_detail = detail
+        self.ended_at = self._clock.seconds()
+        self.pacing_ticks = self._pacer.lateness.since(self.lateness_at_start)
         self._pacer.remove(self)
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()

@@ -7,6 +7,7 @@ calls and keeps every call on the same grid.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -22,6 +23,33 @@ from rapida_tap.media.audio import FRAME_SECONDS
 # intervals of its deadline counts as on time.
 _EARLY = 0.0005
 _TOLERANCE = 0.1
+
+#: Upper edges (seconds) of the tick-lateness histogram; a last bucket holds everything later.
+#: A call snapshots the counts when it starts and reads the difference when it ends, so each
+#: call has its own pacing error at no cost per frame (see ``LatenessHistogram``).
+LATENESS_EDGES = (
+    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.1, 0.2, 0.5,
+)  # fmt: skip
+
+
+class LatenessHistogram:
+    """Counts of ticks by lateness, cumulative since the pacer was made (one list of ints)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENESS_EDGES) + 1)
+
+    def add(self, late: float) -> None:
+        self.counts[bisect.bisect_left(LATENESS_EDGES, late)] += 1
+
+    def snapshot(self) -> list[int]:
+        return self.counts.copy()
+
+    def since(self, snapshot: list[int]) -> list[int]:
+        """The ticks counted after ``snapshot`` was taken, by bucket."""
+        return [now - then for now, then in zip(self.counts, snapshot, strict=True)]
 
 
 class Paced(Protocol):
@@ -54,10 +82,12 @@ class Pacer:
         self._timer: IDelayedCall | None = None
         self._start = 0.0
         self._next = 0  # index on the grid of the next tick
+        self.position = 0  # index on the grid of the last tick (missed ones count)
         self.debt = 0
         self.ticks = 0
         self.skipped_ticks = 0
         self.late_ticks = 0
+        self.lateness = LatenessHistogram()
         self.lateness_observer: Callable[[float], None] | None = None  # seconds, for metrics
 
     def __len__(self) -> int:
@@ -71,6 +101,7 @@ class Pacer:
         if self._timer is None:
             self._start = self._clock.seconds()
             self._next = 1
+            self.position = 0
             self.debt = 0
             self._timer = self._clock.callLater(self.interval - _EARLY, self._tick)
 
@@ -112,9 +143,12 @@ class Pacer:
             if self.debt > self.max_debt:
                 self.skipped_ticks += self.debt - self.max_debt
                 self.debt = self.max_debt
+        late = now - (self._start + self._next * self.interval)
+        self.lateness.add(late)
         if self.lateness_observer is not None:
-            self.lateness_observer(now - (self._start + self._next * self.interval))
+            self.lateness_observer(late)
         self._next = max(due, self._next) + 1
+        self.position = self._next - 1
         catch_up = self.debt > 0
         if catch_up:
             self.debt -= 1

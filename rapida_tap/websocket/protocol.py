@@ -102,6 +102,11 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         return self.lifecycle.context_id if self.lifecycle is not None else ""
 
     @property
+    def codec(self) -> str:
+        """The wire format Asterisk announced in MEDIA_START (for the quality report)."""
+        return self.media_start.format if self.media_start is not None else "ulaw"
+
+    @property
     def phase(self) -> Phase:
         return self.lifecycle.phase if self.lifecycle is not None else Phase.CLOSED
 
