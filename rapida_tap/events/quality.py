@@ -26,6 +26,7 @@ ENDED_BY: dict[EndReason, str] = {
     EndReason.ASSISTANT_HANGUP: "assistant",
     EndReason.ASSISTANT_FAILED: "assistant",
     EndReason.API_HANGUP: "api",
+    EndReason.TRANSFER: "assistant",  # the bot asked for it
     EndReason.TRANSPORT_ERROR: "network",
     EndReason.IDLE_TIMEOUT: "daemon",
     EndReason.PEER_NOT_READING: "daemon",
