@@ -87,6 +87,8 @@ class CallControl:
         self._writes: set[defer.Deferred[Any]] = set()
         bridge.call_started.append(self._started)
         bridge.call_ended.append(self._ended)
+        #: told (context id, record, outcome) of each transfer outcome the dialplan reports
+        self.transfer_reported: list[Callable[[str, dict[str, str], str], None]] = []
 
     def start(self) -> None:
         self.relay.start()
@@ -347,6 +349,8 @@ class CallControl:
         except ContextStoreUnavailable as e:
             raise ControlUnavailable(str(e)) from None
         self.transfers[outcome] = self.transfers.get(outcome, 0) + 1
+        for hook in self.transfer_reported:
+            hook(context_id, {**record, "dialstatus": dialstatus[:32]}, outcome)
         assistant_id = record.get("assistant_id", "")
         back = (
             outcome in FALLBACK_OUTCOMES

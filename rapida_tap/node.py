@@ -229,6 +229,7 @@ class Daemon:
         self.events = make_events(
             settings, reactor, self.bridge, self.outbound, self.metrics.events, self.webhook_pool
         )
+        self.control.transfer_reported.append(self.events.transferred)
         self.metrics_site: GuardedSite | None = None
         if settings.metrics:
             metrics_root = PathTree()

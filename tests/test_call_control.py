@@ -30,6 +30,7 @@ from tests.support import (
     start_daemon,
     wait_until,
 )
+from tests.test_quality import SentEvents
 from tests.twilio_client import (
     exchange,
     next_hop,
@@ -228,6 +229,8 @@ class TransferTests(CallControlTestCase):
     def test_transfer_to_a_target_that_answers(self) -> Any:
         bot = self.bot(greeting_frames=10)
         daemon = self.daemon(bot)
+        sent = SentEvents()
+        daemon.events.sender = sent  # what would go to the webhook endpoints
         ctx = yield self.transfer(daemon, bot)
         self.assertEqual(self.ended, [(EndReason.TRANSFER, "to +4930123456")])
 
@@ -243,6 +246,12 @@ class TransferTests(CallControlTestCase):
 
         report = yield outcome(daemon.http_port, ctx, "ANSWER")
         self.assertEqual((report.status, report.body), (200, b""))  # no way back: hang up
+        [(event, data)] = [(e, d) for e, d in sent.sent if e == "call.transferred"]
+        self.assertEqual(data["context_id"], ctx)
+        self.assertEqual(
+            data["transfer"],
+            {"to": "+4930123456", "outcome": "completed", "dialstatus": "ANSWER"},
+        )
         done = yield twilio(daemon.http_port, "GET", call_sid(ctx))
         self.assertEqual(done.json["status"], "completed")
         self.assertEqual(done.json["rapida_transfer_to"], "+4930123456")

@@ -146,13 +146,21 @@ class CallEvents:
             d.addErrback(lambda f: self.log.failure("recording {path}", f, path=recorder.path))
             d.addBoth(lambda _: self._recordings.discard(d))
 
-    def transferred(self, call: Call, outcome: dict[str, Any]) -> None:
-        """For call control: tell the call's endpoints that it was transferred, and how."""
-        data = self._call_data(call)
-        data["transfer"] = outcome
-        self.sender.send(
-            self.spec.endpoints_for(call.context.assistant_id), webhooks.CALL_TRANSFERRED, data
-        )
+    def transferred(self, context_id: str, record: dict[str, str], outcome: str) -> None:
+        """Call control reported a transfer's outcome (the call's media ended before it)."""
+        assistant_id = record.get("assistant_id", "")
+        data = {
+            "context_id": context_id,
+            "assistant_id": assistant_id,
+            "caller": record.get("caller", ""),
+            "direction": record.get("direction", ""),
+            "transfer": {
+                "to": record.get("transfer_to", ""),
+                "outcome": outcome,
+                "dialstatus": record.get("dialstatus", ""),
+            },
+        }
+        self.sender.send(self.spec.endpoints_for(assistant_id), webhooks.CALL_TRANSFERRED, data)
 
     def _call_data(self, call: Call) -> dict[str, Any]:
         context = call.context
