@@ -11,14 +11,12 @@ from typing import Any
 import treq
 import treq.testing
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from rapida_tap.audiosocket.protocol import AudioSocketFactory
 from rapida_tap.config import Settings
 from rapida_tap.events.webhooks import (
     CALL_ENDED,
@@ -27,6 +25,7 @@ from rapida_tap.events.webhooks import (
     Endpoint,
     WebhookSender,
 )
+from rapida_tap.listeners import Listener
 from rapida_tap.node import Daemon
 from tests.support import (
     API_KEY,
@@ -400,17 +399,16 @@ class NodeStopFlushTests(TestCase):
         top = daemon.service()
         top.startService()
         self.addCleanup(lambda: top.stopService() if top.running else None)
-        ports: dict[type, int] = {}
+        ports: dict[str, int] = {}
         for child in top:
-            if isinstance(child, StreamServerEndpointService):
+            if isinstance(child, Listener):
 
-                def found(listening: Any, kind: type) -> Any:
-                    ports[kind] = listening.getHost().port
+                def found(listening: Any, setting: str) -> Any:
+                    ports[setting] = listening.getHost().port
                     return listening
 
-                child._waitingForPort.addCallback(found, type(child.factory))
-        as_port = ports.pop(AudioSocketFactory)
-        (http_port,) = ports.values()
+                child._waitingForPort.addCallback(found, child.setting)
+        as_port, http_port = ports["audiosocket"], ports["http"]
         ctx = yield register(http_port)
         client = FakeAsterisk(ctx)
         yield connect_audiosocket(as_port, client)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.media.pacer import Pacer
 
 TRIM_WINDOW = 50  # ticks (1 s) a backlog must stand before real-time audio is caught up
-REALTIME_BACKLOG = 50  # frames (1 s) a real-time source may queue; older ones are dropped
+REALTIME_BACKLOG = 250  # frames (5 s) a real-time source may queue; older ones are dropped
 NEAR_TICK = 0.004  # s: audio that starts this close before a tick gets a frame of cushion
 
 
@@ -215,7 +215,7 @@ class Call:
             self._drop_oldest(len(queue) - REALTIME_BACKLOG)
 
     def _drop_oldest(self, frames: int) -> None:
-        """A real-time source's frames older than ``REALTIME_BACKLOG`` will never be worth
+        """A real-time source's frames older than ``REALTIME_BACKLOG`` (5 s) will never be worth
         hearing: dropped (and counted as trimmed), so a node that lags holds little per call."""
         queue = self._queue
         for _ in range(frames):
