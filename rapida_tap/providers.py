@@ -13,13 +13,12 @@ from typing import Any
 
 from rapida_tap.ari import AriProvider, InvalidNumber, validate_number
 from rapida_tap.config import ConfigError
+from rapida_tap.secrets import read_secret
 from rapida_tap.web.call_request import InvalidCallRequest
 
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DIALPLAN_CONTEXT = re.compile(r"[A-Za-z0-9._-]{1,79}")
 FORMATS = re.compile(r"[a-z0-9_]+(?:,[a-z0-9_]+)*")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
 _TEXT_KEYS = (
     "ari_url",
     "ari_user",
@@ -110,41 +109,7 @@ def _parse_provider(name: str, table: Mapping[str, Any], env: Mapping[str, str])
 
 
 def _password(where: str, env_name: str, credential: str, env: Mapping[str, str]) -> str:
-    if bool(env_name) == bool(credential):
-        raise ConfigError(
-            f"{where}: set exactly one of password_env (an environment variable holding the ARI "
-            "password) or password_credential (a systemd credential name)"
-        )
-    if env_name:
-        if not ENV_NAME.fullmatch(env_name):
-            raise ConfigError(f"{where}.password_env: {env_name!r} is not a variable name")
-        password = env.get(env_name, "")
-        if not password:
-            raise ConfigError(
-                f"{where}.password_env: the environment variable {env_name} is not set or empty"
-            )
-        return password
-    if not CREDENTIAL_NAME.fullmatch(credential) or credential in (".", ".."):
-        raise ConfigError(f"{where}.password_credential: {credential!r} is not a credential name")
-    directory = env.get("CREDENTIALS_DIRECTORY", "")
-    if not directory:
-        raise ConfigError(
-            f"{where}.password_credential: $CREDENTIALS_DIRECTORY is not set: run under systemd "
-            f"with LoadCredential={credential}:/path/to/file, or use password_env"
-        )
-    path = os.path.join(directory, credential)
-    try:
-        with open(path, encoding="utf-8") as f:
-            password = f.read().rstrip("\r\n")
-    except OSError as e:
-        raise ConfigError(
-            f"{where}.password_credential: cannot read {path}: {e.strerror}"
-        ) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}.password_credential: {path} is not UTF-8 text") from None
-    if not password:
-        raise ConfigError(f"{where}.password_credential: {path} is empty")
-    return password
+    return read_secret(where, "password", env_name, credential, env)
 
 
 class UnknownProvider(Exception):

@@ -24,7 +24,11 @@ from twisted.trial.unittest import TestCase
 
 from tests.certs import make_cert
 from tests.redis_server import free_port
-from tests.support import API_KEY, curl_get, raw_http
+from tests.support import API_KEY, curl_get, raw_http, wait_until
+
+#: Seconds between two looks at another process (its output, its port): a bounded poll of
+#: something no Clock can drive, not a wait on a timer of ours.
+PROCESS_POLL = 0.05
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -263,9 +267,9 @@ class RedisUnreachableTests(TestCase):
         wanted = (
             b"contexts: Redis at redis://127.0.0.1:%d/0 is unreachable at start-up" % redis_port
         )
-        while wanted not in process.out:  # another process: only its output can tell
-            self.assertFalse(process.ended.called, process.out.decode(errors="replace"))
-            yield deferLater(reactor, 0.05, lambda: None)
+        # Another process: only its output can tell (a bounded poll, not a sleep).
+        yield wait_until(lambda: wanted in process.out or process.ended.called, timeout=30)
+        self.assertIn(wanted, process.out, process.out.decode(errors="replace"))
         health = None
         while health is None:
             try:
@@ -273,7 +277,7 @@ class RedisUnreachableTests(TestCase):
                     http_port, curl_get("/healthz", headers={"Connection": "close"})
                 )
             except (error.ConnectError, defer.TimeoutError):
-                yield deferLater(reactor, 0.05, lambda: None)
+                yield deferLater(reactor, PROCESS_POLL, lambda: None)
         self.assertEqual(health.status, 503)
         self.assertIn("contexts", json.loads(health.body)["problems"])
         transport.signalProcess(signal.SIGTERM)

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rapida_tap import secrets
 from rapida_tap.config import ConfigError
 from rapida_tap.events.webhooks import EVENT_TYPES, Endpoint
 
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
 ENDPOINT_KEYS = ("url", "secret_env", "secret_credential", "events", "timeout")
 #: what an [assistants.ID] table may hold besides its bot's options
 ASSISTANT_EVENT_KEYS = frozenset({"record", "webhooks"})
@@ -133,40 +131,8 @@ def read_secret(where: str, env_name: str, credential: str, environ: Mapping[str
     ``$CREDENTIALS_DIRECTORY/<credential>``; exactly one must be set.  The secret itself never
     appears in a message.
     """
-    if bool(env_name) == bool(credential):
-        raise ConfigError(
-            f"{where}: set exactly one of secret_env (an environment variable holding the "
-            "secret) or secret_credential (a systemd credential name)"
-        )
-    if env_name:
-        if not ENV_NAME.fullmatch(env_name):
-            raise ConfigError(f"{where}.secret_env: {env_name!r} is not a variable name")
-        secret = environ.get(env_name, "").strip()
-        if not secret:
-            raise ConfigError(
-                f"{where}.secret_env: the environment variable {env_name} is not set or empty"
-            )
-        source = f"{where}.secret_env"
-    else:
-        if not CREDENTIAL_NAME.fullmatch(credential) or credential in (".", ".."):
-            raise ConfigError(f"{where}.secret_credential: {credential!r} is not a credential name")
-        directory = environ.get("CREDENTIALS_DIRECTORY", "")
-        if not directory:
-            raise ConfigError(
-                f"{where}.secret_credential: $CREDENTIALS_DIRECTORY is not set: run under "
-                f"systemd with LoadCredential={credential}:/path/to/file, or use secret_env"
-            )
-        path = os.path.join(directory, credential)
-        try:
-            with open(path, encoding="utf-8") as f:
-                secret = f.read().strip()
-        except OSError as e:
-            raise ConfigError(
-                f"{where}.secret_credential: cannot read {path}: {e.strerror}"
-            ) from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{where}.secret_credential: {path} is not UTF-8 text") from None
-        source = f"{where}.secret_credential"
+    secret = secrets.read_secret(where, "secret", env_name, credential, environ).strip()
+    source = f"{where}.secret_env" if env_name else f"{where}.secret_credential"
     body = secret[len(SECRET_PREFIX) :] if secret.startswith(SECRET_PREFIX) else secret
     try:
         key = base64.b64decode(body, validate=True)
