@@ -41,9 +41,6 @@ POOL_IDLE_TIMEOUT = 20
 #: Concurrent persistent connections per Asterisk (originate bursts).
 POOL_MAX_PER_HOST = 8
 
-MIN_DIGITS = 3
-MAX_DIGITS = 20
-_DIGITS = frozenset("0123456789")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,56 +88,6 @@ class AriProvider:
     def endpoint_template(self) -> str:
         """``endpoint`` if set, else ``{technology}/{trunk}/{to}`` (``{technology}/{to}``)."""
         return self.endpoint or dialstring.default_template(self.trunk)
-
-
-class InvalidNumber(ValueError):
-    """A number the daemon will not put into a dial string."""
-
-
-def validate_number(number: str) -> str:
-    """Return ``number`` without surrounding whitespace, or raise ``InvalidNumber``.
-
-    Accepted: an optional leading ``+`` then 3 to 20 ASCII digits (E.164 or national/short
-    numbers).  Nothing else is: not separators, not SIP URIs or user parts, since ``@``, ``/``,
-    ``&`` or ``;`` in a dial string can redirect the call to another host or endpoint.
-    """
-    text = number.strip()
-    digits = text.removeprefix("+")
-    if not digits:
-        raise InvalidNumber("number is empty: expected digits with an optional leading '+'")
-    for position, char in enumerate(digits, start=len(text) - len(digits)):
-        if char not in _DIGITS:
-            raise InvalidNumber(
-                f"number has {char!r} at position {position}: only digits with an optional "
-                "leading '+' are allowed"
-            )
-    if not MIN_DIGITS <= len(digits) <= MAX_DIGITS:
-        raise InvalidNumber(
-            f"number has {len(digits)} digits: {MIN_DIGITS} to {MAX_DIGITS} are allowed"
-        )
-    return text
-
-
-def build_endpoint(provider: AriProvider, number: str) -> str:
-    """The ARI dial string: the provider's endpoint template filled in with ``number``.
-
-    The number is validated first (``InvalidNumber``).
-    """
-    return _fill(provider, validate_number(number))
-
-
-def describe_endpoint(provider: AriProvider) -> str:
-    """What the provider dials, for the log: ``PJSIP/my-trunk/<number>``."""
-    return _fill(provider, "<number>")
-
-
-def _fill(provider: AriProvider, to: str) -> str:
-    return dialstring.render(
-        provider.endpoint_template,
-        technology=provider.endpoint_technology,
-        trunk=provider.trunk,
-        to=to,
-    )
 
 
 class AriError(Exception):

@@ -1,4 +1,5 @@
-"""The ARI endpoint an outbound call dials, from a provider's ``endpoint`` template.
+"""The ARI endpoint an outbound call dials: a provider's ``endpoint`` template and the numbers
+that may go into it.
 
 A template is an Asterisk dial string with placeholders: ``PJSIP/{to}@{trunk}`` dials a PJSIP
 endpoint, ``Local/{to}@from-rapida`` routes through the dialplan (and lets a test set-up answer
@@ -11,7 +12,14 @@ from __future__ import annotations
 
 import re
 import string
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:  # pragma: no cover
+    from rapida_tap.ari import AriProvider
+
+MIN_DIGITS = 3
+MAX_DIGITS = 20
+_DIGITS = frozenset("0123456789")
 PLACEHOLDERS = ("to", "trunk", "technology")
 DEFAULT_WITH_TRUNK = "{technology}/{trunk}/{to}"
 DEFAULT_WITHOUT_TRUNK = "{technology}/{to}"
@@ -69,3 +77,53 @@ def check_template(
 def render(template: str, *, technology: str, trunk: str, to: str) -> str:
     """``template`` with its placeholders filled in (``to`` must already be validated)."""
     return template.format(technology=technology, trunk=trunk, to=to)
+
+
+class InvalidNumber(ValueError):
+    """A number the daemon will not put into a dial string."""
+
+
+def validate_number(number: str) -> str:
+    """Return ``number`` without surrounding whitespace, or raise ``InvalidNumber``.
+
+    Accepted: an optional leading ``+`` then 3 to 20 ASCII digits (E.164 or national/short
+    numbers).  Nothing else is: not separators, not SIP URIs or user parts, since ``@``, ``/``,
+    ``&`` or ``;`` in a dial string can redirect the call to another host or endpoint.
+    """
+    text = number.strip()
+    digits = text.removeprefix("+")
+    if not digits:
+        raise InvalidNumber("number is empty: expected digits with an optional leading '+'")
+    for position, char in enumerate(digits, start=len(text) - len(digits)):
+        if char not in _DIGITS:
+            raise InvalidNumber(
+                f"number has {char!r} at position {position}: only digits with an optional "
+                "leading '+' are allowed"
+            )
+    if not MIN_DIGITS <= len(digits) <= MAX_DIGITS:
+        raise InvalidNumber(
+            f"number has {len(digits)} digits: {MIN_DIGITS} to {MAX_DIGITS} are allowed"
+        )
+    return text
+
+
+def build_endpoint(provider: AriProvider, number: str) -> str:
+    """The ARI dial string: the provider's endpoint template filled in with ``number``.
+
+    The number is validated first (``InvalidNumber``).
+    """
+    return _fill(provider, validate_number(number))
+
+
+def describe_endpoint(provider: AriProvider) -> str:
+    """What the provider dials, for the log: ``PJSIP/my-trunk/<number>``."""
+    return _fill(provider, "<number>")
+
+
+def _fill(provider: AriProvider, to: str) -> str:
+    return render(
+        provider.endpoint_template,
+        technology=provider.endpoint_technology,
+        trunk=provider.trunk,
+        to=to,
+    )

@@ -22,14 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rapida_tap.ari import (
-    AriClient,
-    AriError,
-    AriProvider,
-    AriTimeout,
-    build_endpoint,
-    describe_endpoint,
-)
+from rapida_tap.ari import AriClient, AriError, AriProvider, AriTimeout
 from rapida_tap.contexts import (
     OUTBOUND,
     CallContext,
@@ -37,6 +30,7 @@ from rapida_tap.contexts import (
     ContextStoreUnavailable,
     new_context_id,
 )
+from rapida_tap.dialstring import build_endpoint, describe_endpoint
 from rapida_tap.outbound_call import (
     CANCELLED,
     NO_ANSWER,

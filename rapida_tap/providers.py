@@ -11,8 +11,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from rapida_tap.ari import AriProvider, InvalidNumber, validate_number
+from rapida_tap.ari import AriProvider
 from rapida_tap.config import ConfigError
+from rapida_tap.dialstring import InvalidNumber, validate_number
 from rapida_tap.secrets import read_secret
 from rapida_tap.web.call_request import InvalidCallRequest
 

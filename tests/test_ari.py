@@ -32,10 +32,8 @@ from rapida_tap.ari import (
     AriTimeout,
     AriUnauthorized,
     AriUnreachable,
-    InvalidNumber,
-    build_endpoint,
-    validate_number,
 )
+from rapida_tap.dialstring import InvalidNumber, build_endpoint, validate_number
 
 PASSWORD = "s3cret-Pa55"
 BASIC = "Basic " + base64.b64encode(f"rapida:{PASSWORD}".encode()).decode()

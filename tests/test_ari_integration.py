@@ -20,8 +20,8 @@ from rapida_tap.ari import (
     AriTimeout,
     AriUnauthorized,
     AriUnreachable,
-    build_endpoint,
 )
+from rapida_tap.dialstring import build_endpoint
 from tests.fake_ari import ANSWER, BUSY, ERROR, HANG, NO_ANSWER, FakeAri, serve_fake_ari
 
 reactor: Any = global_reactor

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from rapida_tap.ari import InvalidNumber, validate_number
+from rapida_tap.dialstring import InvalidNumber, validate_number
 
 AUDIOSOCKET = "audiosocket"
 WEBSOCKET = "websocket"
