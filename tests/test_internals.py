@@ -22,3 +22,15 @@ def test_direct_socket_only_for_plain_tcp() -> None:
     from twisted.internet.testing import StringTransport
 
     assert internals.direct_socket(StringTransport()) is None
+
+
+def test_an_8khz_node_does_not_load_numpy() -> None:
+    """numpy and soxr (about 12 MB) load with the first resampler or recording, not at start."""
+    import subprocess
+    import sys
+
+    code = "import sys, rapida_tap.node, rapida_tap.tap; print('numpy' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False", out.stderr

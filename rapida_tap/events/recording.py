@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -80,6 +79,8 @@ def wav_header(data_bytes: int, rate: int = SAMPLE_RATE) -> bytes:
 
 def interleave(left: bytes | memoryview, right: bytes | memoryview) -> memoryview:
     """Two mono PCM16 buffers of equal length as one stereo buffer (L R L R ...)."""
+    import numpy as np  # loaded by the first recording, not by every node
+
     out = np.empty(len(left), dtype="<i2")  # len(left) bytes = 2 channels of len/2 samples
     out[0::2] = np.frombuffer(left, dtype="<i2")
     out[1::2] = np.frombuffer(right, dtype="<i2")

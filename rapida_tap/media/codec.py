@@ -10,8 +10,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-import numpy as np
-import soxr
+from typing import Any
 
 from rapida_tap.media.audio import SAMPLE_RATE
 
@@ -24,6 +23,12 @@ class Resampler:
     """
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
+        # numpy and soxr (about 12 MB) load with the first call that needs a resampler: an 8 kHz
+        # node never pays for them.
+        import numpy as np
+        import soxr
+
+        self._np: Any = np
         self.in_rate = in_rate
         self.out_rate = out_rate
         # vr=True: soxr's variable-rate engine streams with ~15 ms delay and steady
@@ -35,7 +40,7 @@ class Resampler:
         self._stream.resample_chunk(np.zeros(2 * in_rate // 50, dtype="<i2"))
 
     def __call__(self, pcm: bytes) -> bytes:
-        samples = np.frombuffer(pcm, dtype="<i2")
+        samples = self._np.frombuffer(pcm, dtype="<i2")
         return self._stream.resample_chunk(samples).astype("<i2", copy=False).tobytes()
 
 
