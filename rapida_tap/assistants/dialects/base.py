@@ -15,7 +15,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rapida_tap.assistants.mediastreams import BotMessage, load_message
+from rapida_tap.assistants.mediastreams import (
+    BotClear,
+    BotMark,
+    BotMedia,
+    BotMessage,
+    BotOther,
+    load_message,
+    mark_name,
+    media_payload,
+)
 from rapida_tap.media.codec import (
     alaw_to_pcm,
     pcm_to_alaw,
@@ -150,6 +159,13 @@ class Dialect(ABC):
         message, event = load_message(text, max_bytes)
         return self.bot_message(message, event)
 
-    @abstractmethod
     def bot_message(self, message: dict[str, Any], event: str) -> BotMessage:
-        """The meaning of a bot's JSON object whose ``event`` is ``event``."""
+        """The meaning of a bot's JSON object whose ``event`` is ``event``: ``media``,
+        ``mark`` and ``clear`` shaped as Twilio's, which Telnyx and Exotel share."""
+        if event == "media":
+            return BotMedia(media_payload(message.get("media")))
+        if event == "mark":
+            return BotMark(mark_name(message.get("mark"), "mark.name"))
+        if event == "clear":
+            return BotClear()
+        return BotOther(event)

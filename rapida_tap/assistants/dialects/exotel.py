@@ -13,18 +13,7 @@ sends ``connected``, ``start`` (``start.stream_sid``, ``call_sid``, ``account_si
 
 from __future__ import annotations
 
-from typing import Any
-
 from rapida_tap.assistants.dialects.base import L16, AudioFormat, Dialect, b64, dumps
-from rapida_tap.assistants.mediastreams import (
-    BotClear,
-    BotMark,
-    BotMedia,
-    BotMessage,
-    BotOther,
-    mark_name,
-    media_payload,
-)
 
 
 class Exotel(Dialect):
@@ -105,12 +94,3 @@ class Exotel(Dialect):
                 },
             }
         )
-
-    def bot_message(self, message: dict[str, Any], event: str) -> BotMessage:
-        if event == "media":
-            return BotMedia(media_payload(message.get("media")))
-        if event == "mark":
-            return BotMark(mark_name(message.get("mark"), "mark.name"))
-        if event == "clear":
-            return BotClear()
-        return BotOther(event)

@@ -14,18 +14,8 @@ payloads, so L16 is big-endian.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from rapida_tap.assistants.dialects.base import ALAW, L16, MULAW, AudioFormat, Dialect, b64, dumps
-from rapida_tap.assistants.mediastreams import (
-    BotClear,
-    BotMark,
-    BotMedia,
-    BotMessage,
-    BotOther,
-    mark_name,
-    media_payload,
-)
 
 ENCODING_NAMES = {MULAW: "PCMU", ALAW: "PCMA", L16: "L16"}
 
@@ -112,12 +102,3 @@ class Telnyx(Dialect):
                 "stream_id": self.stream_id,
             }
         )
-
-    def bot_message(self, message: dict[str, Any], event: str) -> BotMessage:
-        if event == "media":
-            return BotMedia(media_payload(message.get("media")))
-        if event == "mark":
-            return BotMark(mark_name(message.get("mark"), "mark.name"))
-        if event == "clear":
-            return BotClear()
-        return BotOther(event)
