@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rapida_tap.admission import AUDIOSOCKET_ID_BYTES
@@ -304,3 +305,21 @@ class RecordingAssistant:
         session = RecordingSession(call)
         self.sessions.append(session)
         return defer.succeed(session)
+
+
+class ProcessOutput(protocol.ProcessProtocol):
+    """Another process's output (stdout and stderr together) and how it ended."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.reason: Failure | None = None
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(None)

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import strports
-from twisted.internet import defer, endpoints, error, protocol, reactor
+from twisted.internet import defer, endpoints, error, reactor
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import TestCase
 
@@ -28,7 +27,15 @@ from rapida_tap.listeners import check_listener
 from rapida_tap.logs import event_as_json, json_logger
 from rapida_tap.node import Daemon
 from tests.redis_server import free_port
-from tests.support import API_KEY, FakeAsterisk, connect_audiosocket, curl_get, raw_http, register
+from tests.support import (
+    API_KEY,
+    FakeAsterisk,
+    ProcessOutput,
+    connect_audiosocket,
+    curl_get,
+    raw_http,
+    register,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ETC = ROOT / "etc"
@@ -207,27 +214,11 @@ def test_a_json_line_survives_odd_events() -> None:
 # --- a real twistd process: SIGTERM drains, then exit 0 ----------------------------------------
 
 
-class _Process(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = b""
-        self.reason: Failure | None = None
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.reason = reason
-        self.ended.callback(None)
-
-
 class TwistdProcessTests(TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def wait_ready(self, port: int, process: _Process) -> Any:
+    def wait_ready(self, port: int, process: ProcessOutput) -> Any:
         while True:
             try:
                 reply = yield raw_http(port, curl_get("/healthz", headers={"Connection": "close"}))
@@ -245,7 +236,7 @@ class TwistdProcessTests(TestCase):
         """Run ``twistd -n rapida-asterisk`` as a process; fire with (process, transport,
         http port, AudioSocket port) once /healthz answers 200."""
         http_port, as_port = free_port(reactor), free_port(reactor)
-        process = _Process()
+        process = ProcessOutput()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env = {k: v for k, v in env.items() if not k.startswith("RAPIDA_")}
         argv = [

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, error, reactor
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.certs import make_cert
 from tests.redis_server import free_port
-from tests.support import API_KEY, curl_get, raw_http, wait_until
+from tests.support import API_KEY, ProcessOutput, curl_get, raw_http, wait_until
 
 #: Seconds between two looks at another process (its output, its port): a bounded poll of
 #: something no Clock can drive, not a wait on a timer of ours.
@@ -230,29 +229,13 @@ def test_interface_not_on_this_machine(tmp_path: Path) -> None:
 # --- Redis unreachable at start-up: the node starts, and says why it refuses calls ----------
 
 
-class _Process(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = b""
-        self.reason: Failure | None = None
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.reason = reason
-        self.ended.callback(None)
-
-
 class RedisUnreachableTests(TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
     def test_starts_logs_one_line_and_reports_not_ready(self) -> Any:
         http_port, redis_port = free_port(reactor), free_port(reactor)  # nothing on redis_port
-        process = _Process()
+        process = ProcessOutput()
         args = argv(
             f"--http=tcp:{http_port}:interface=127.0.0.1",
             f"--contexts=redis://127.0.0.1:{redis_port}/0",
