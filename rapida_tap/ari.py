@@ -42,7 +42,6 @@ POOL_IDLE_TIMEOUT = 20
 POOL_MAX_PER_HOST = 8
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AriProvider:
     """One Asterisk reachable over ARI, from the TOML table ``[providers.NAME]``.

@@ -13,7 +13,11 @@ import socket
 from typing import Any, cast
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _ssl_lib
 from twisted.internet import abstract, tcp
+from twisted.protocols import tls
 
 
 class LibraryChanged(RuntimeError):
@@ -27,11 +31,43 @@ def check() -> None:
     for name in ("dataBuffer", "_tempDataBuffer", "_tempDataLen"):
         if not hasattr(probe, name):
             raise LibraryChanged(f"twisted FileDescriptor has no {name}: upgrade rapida-asterisk")
-    for name in ("STATE_OPEN", "SEND_STATE_GROUND", "sendData", "onCloseFrame", "sendCloseFrame"):
+    for name in (
+        "STATE_OPEN",
+        "SEND_STATE_GROUND",
+        "_dataReceived",
+        "sendData",
+        "onCloseFrame",
+        "sendCloseFrame",
+    ):
         if not hasattr(WebSocketProtocol, name):
             raise LibraryChanged(
                 f"autobahn WebSocketProtocol has no {name}: upgrade rapida-asterisk"
             )
+
+    _check_tls()
+
+
+def _check_tls() -> None:
+    """What ``rapida_tap.tls_transport`` and the ``tls_*`` helpers below use."""
+    names = (
+        "_flushReceiveBIO",
+        "_flushSendBIO",
+        "_lostTLSConnection",
+        "_aborted",
+        "_handshakeDone",
+    )
+    for name in names:
+        if not hasattr(tls.TLSMemoryBIOProtocol, name):
+            raise LibraryChanged(
+                f"twisted TLSMemoryBIOProtocol has no {name}: upgrade rapida-asterisk"
+            )
+    if "_aggregator" not in getattr(tls.BufferingTLSTransport, "__annotations__", {}):
+        raise LibraryChanged(
+            "twisted BufferingTLSTransport has no _aggregator: upgrade rapida-asterisk"
+        )
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    if not hasattr(_ssl_lib, "BIO_get_mem_data") or not hasattr(conn, "_from_ssl"):
+        raise LibraryChanged("pyOpenSSL has no memory BIO bindings: upgrade rapida-asterisk")
 
 
 class _NoReactor:
@@ -53,6 +89,38 @@ def nothing_buffered(transport: Any) -> bool:
     return not transport.dataBuffer and not transport._tempDataBuffer
 
 
+def websocket_between_frames(proto: WebSocketProtocol) -> bool:
+    """Autobahn holds no part of an incoming frame or message: the next byte starts a frame.
+
+    Read defensively: if a release renames these, the answer is False and every frame takes
+    Autobahn's own path (slower, still correct).
+    """
+    return (
+        getattr(proto, "current_frame", False) is None
+        and not getattr(proto, "data", True)
+        and not getattr(proto, "inside_message", True)
+    )
+
+
 def websocket_open_and_idle(proto: WebSocketProtocol) -> bool:
     """Open, and no message half sent: a whole frame may be written by hand."""
     return proto.state == proto.STATE_OPEN and proto.send_state == proto.SEND_STATE_GROUND
+
+
+# -- pyOpenSSL: how much a memory-BIO connection holds, without raising WantReadError -------
+
+
+def tls_unread(conn: SSL.Connection) -> int:
+    """Bytes OpenSSL holds for reading: undecrypted input, or decrypted but not yet read."""
+    return _ssl_lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL) or conn.pending()  # type: ignore[no-any-return]
+
+
+def tls_unsent(conn: SSL.Connection) -> int:
+    """Bytes of records OpenSSL has made and nobody has taken for the socket yet."""
+    return _ssl_lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL)  # type: ignore[no-any-return]
+
+
+def tls_take_unsent(conn: SSL.Connection) -> bytes:
+    """Every byte of those records (``b""`` if none)."""
+    size = tls_unsent(conn)
+    return conn.bio_read(size) if size else b""

@@ -27,11 +27,11 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from rapida_tap.config import ConfigError
 from rapida_tap.listeners import listen_error
+from rapida_tap.tls_transport import MediaTLSFactory
 
 __all__ = [
     "CIPHERS",
@@ -41,7 +41,6 @@ __all__ = [
     "TlsSpec",
     "install_reload_signal",
     "parse_tls_endpoint",
-    "tls_server_endpoint",
 ]
 
 CIPHERS = (
@@ -243,13 +242,6 @@ class TlsServerContext:
         return SSL.Connection(self._context, None)
 
 
-def tls_server_endpoint(reactor: Any, spec: TlsSpec, context: TlsServerContext) -> Any:
-    """A listening endpoint serving TLS on ``spec``'s port with ``context``."""
-    return endpoints.SSL4ServerEndpoint(
-        reactor, spec.port, context, backlog=spec.backlog, interface=spec.interface
-    )
-
-
 def install_reload_signal(reload: Callable[[], object], reactor: Any) -> Callable[[], None]:
     """Call ``reload`` (in the reactor thread) on SIGHUP; returns the undo function."""
     previous = signal.getsignal(signal.SIGHUP)
@@ -296,18 +288,14 @@ class TlsListener(service.Service):
         self._undo = install_reload_signal(self.context.reload, self.reactor)
 
     def _listen(self) -> None:
-        if self.admission is None:
-            d = tls_server_endpoint(self.reactor, self.spec, self.context).listen(self.factory)
-        else:
+        factory: Any = MediaTLSFactory(self.context, False, self.factory)
+        if self.admission is not None:
             # Admission wraps TLS, not the other way round: a refused connection is closed at
             # accept time, before a TLS object or a handshake is spent on it.
-            tls_factory = TLSMemoryBIOFactory(self.context, False, self.factory)
-            d = endpoints.TCP4ServerEndpoint(
-                self.reactor,
-                self.spec.port,
-                backlog=self.spec.backlog,
-                interface=self.spec.interface,
-            ).listen(self.admission(tls_factory))
+            factory = self.admission(factory)
+        d = endpoints.TCP4ServerEndpoint(
+            self.reactor, self.spec.port, backlog=self.spec.backlog, interface=self.spec.interface
+        ).listen(factory)
         failed: list[Any] = []
 
         def listening(port: Any) -> None:

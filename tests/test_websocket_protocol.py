@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -19,6 +21,7 @@ from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.contexts import CallContext, ContextStoreUnavailable, MemoryContextStore
 from rapida_tap.media.bridge import MediaBridge
 from rapida_tap.media.call import Call
+from rapida_tap.media.codec import ulaw_to_pcm
 from rapida_tap.media.lifecycle import Phase
 from rapida_tap.media.listener import LegListener
 from rapida_tap.websocket.factory import MediaWebSocketFactory
@@ -235,6 +238,79 @@ def test_caller_audio_and_dtmf_reach_the_assistant() -> None:
     leg.send(fc.TEXT, '{"event":"DTMF_END","channel_id":"1","digit":"#"}')
     assert [len(a) for a in leg.session.audio] == [320]
     assert leg.session.digits == ["#"]
+
+
+def mixed_stream() -> tuple[bytes, list[bytes]]:
+    """Binary frames around a DTMF event, a ping and a fragmented message; the audio it holds."""
+    a, b, c1, c2, d = (bytes([0x80 + i]) * 160 for i in range(5))
+    stream = b"".join(
+        [
+            fc.encode_frame(fc.BINARY, a),
+            fc.encode_frame(fc.TEXT, b'{"event":"DTMF_END","channel_id":"1","digit":"7"}'),
+            fc.encode_frame(fc.BINARY, b),
+            fc.encode_frame(fc.PING, b"p"),
+            fc.encode_frame(fc.BINARY, c1, fin=False),
+            fc.encode_frame(0, c2),
+            fc.encode_frame(fc.BINARY, d),
+        ]
+    )
+    return stream, [a, b, c1 + c2, d]
+
+
+def check_mixed_stream(cuts: list[int]) -> None:
+    leg = Leg()
+    leg.start()
+    stream, audio = mixed_stream()
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        leg.proto.dataReceived(stream[start:end])
+    assert leg.session.audio == [ulaw_to_pcm(a) for a in audio]
+    assert leg.session.digits == ["7"]
+    assert (fc.PONG, b"p") in leg.out()
+    assert leg.proto.call is not None
+
+
+def test_binary_frames_and_every_other_frame_keep_their_order() -> None:
+    check_mixed_stream([])
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(mixed_stream()[0]) - 1), max_size=12))
+def test_the_same_stream_cut_anywhere_gives_the_same_call(cuts: list[int]) -> None:
+    check_mixed_stream(sorted(set(cuts)))
+
+
+def test_whole_binary_frames_skip_autobahns_message_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    leg = Leg()
+    leg.start()
+    seen: list[bool] = []
+    original = MediaWebSocketProtocol.onMessage
+
+    def counting(self: MediaWebSocketProtocol, payload: bytes, is_binary: bool) -> None:
+        seen.append(is_binary)
+        original(self, payload, is_binary)
+
+    monkeypatch.setattr(MediaWebSocketProtocol, "onMessage", counting)
+    leg.proto.dataReceived(b"".join(fc.encode_frame(fc.BINARY, FRAME) for _ in range(5)))
+    leg.send(fc.TEXT, '{"event":"DTMF_END","channel_id":"1","digit":"#"}')
+    assert len(leg.session.audio) == 5
+    assert seen == [False]  # only the text message went through Autobahn
+
+
+def test_a_bad_frame_among_good_ones_ends_the_call_and_nothing_after_it_plays() -> None:
+    leg = Leg()
+    call = leg.start(fc.media_start_json(CTX).replace('"ulaw"', '"slin"'))
+    stream = b"".join(
+        [
+            fc.encode_frame(fc.BINARY, b"\x00" * 320),
+            fc.encode_frame(fc.BINARY, b"\x00" * 321),  # half a 16-bit sample
+            fc.encode_frame(fc.BINARY, b"\x00" * 320),
+        ]
+    )
+    leg.proto.dataReceived(stream)
+    assert len(leg.session.audio) == 1
+    assert call.end_reason == "protocol-error"
+    assert "321-byte message of 16-bit slin" in call.end_detail
+    assert leg.close_code() == 1002
 
 
 def test_silence_ticks_send_nothing_and_speech_starts_with_lead_frames() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
@@ -10,7 +9,6 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rapida_tap import internals
 from rapida_tap.audiosocket.wire import (
     AUDIO_SAMPLE_RATES,
     ERROR_CODES,
@@ -21,6 +19,7 @@ from rapida_tap.audiosocket.wire import (
     encode_frame,
     uuid_text,
 )
+from rapida_tap.frame_writer import FrameWriter
 from rapida_tap.interfaces import ICallLeg
 from rapida_tap.media.audio import frame_bytes
 from rapida_tap.media.codec import RateMatch, Resampler
@@ -65,7 +64,7 @@ class AudioSocketProtocol(Protocol):
         self._silence = encode_frame(Kind.SLIN_8K, bytes(frame_bytes(8000)))
         self._to_call: Resampler | None = None
         self._to_wire: Resampler | None = None
-        self._socket: socket.socket | None = None
+        self._writer: FrameWriter | None = None  # from connectionMade
 
     @property
     def call(self) -> Call | None:
@@ -94,7 +93,7 @@ class AudioSocketProtocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        self._socket = internals.direct_socket(self.transport)
+        self._writer = FrameWriter(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         lifecycle = self.lifecycle
@@ -165,7 +164,8 @@ class AudioSocketProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._to_call = self._to_wire = None  # the resamplers' native state
-        self._socket = None
+        if self._writer is not None:
+            self._writer.detach()
         self.lifecycle.connection_lost()
 
     # -- ICallLeg: bytes out -----------------------------------------------------------
@@ -201,28 +201,9 @@ class AudioSocketProtocol(Protocol):
         self.lifecycle.hangup(reason)
 
     def _send(self, data: bytes) -> None:
-        """Write now when nothing is buffered (the pacer's tick *is* the send time).
-
-        ``transport.write`` only buffers and asks the reactor for a writable event; for one
-        frame per call per tick that costs two ``epoll_ctl`` calls, an event dispatch and the
-        ``send``, roughly a third of the daemon's CPU.  A direct ``send`` is one syscall; what
-        the kernel does not take goes through ``transport.write`` as before (so buffering,
-        ordering and producer pausing are Twisted's).
-        """
-        sock = self._socket
-        transport = self.transport
-        if sock is not None and internals.nothing_buffered(transport):
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # let the transport see and report the error
-                self._socket = None
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        writer = self._writer
+        if writer is not None:
+            writer.write(data)  # at once when nothing is buffered (see FrameWriter)
 
     # -- ILegTransport -----------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class MediaWebSocketFactory(WebSocketServerFactory):
         self.bridge = listener.bridge
         self.handshake_timeout = handshake_timeout
         self.start_timeout = start_timeout
+        self.max_message = max_message
         self.max_text = max_text
         self.max_unread = max_unread
         self.lead_frames = lead_frames

@@ -1,13 +1,59 @@
-"""Audio toward chan_websocket, sans-IO: whole-frame messages and unmasked binary frames.
+"""chan_websocket media frames, sans-IO: the caller's masked binary frames in, ours out.
 
-Asterisk drops a partial frame at the end of a message, so audio goes out in whole multiples
-of its ``optimal_frame_size`` (160 bytes of μ-law at 8 kHz, 640 of slin16); a partial tail
-waits for the next audio, or is padded with silence when a mark must follow it.
+In: once a session is open, nearly every frame Asterisk sends is one whole binary message of
+one 20 ms frame.  ``read_media_frame`` takes exactly that shape and nothing else, so the
+protocol can hand audio to the call without Autobahn's general per-frame path (most of a
+WebSocket call's CPU); any other frame (text, control, fragments, reserved bits, over the size
+limit, incomplete) goes to Autobahn, which checks and handles it as before.
+
+Out: Asterisk drops a partial frame at the end of a message, so audio goes out in whole
+multiples of its ``optimal_frame_size`` (160 bytes of μ-law at 8 kHz, 640 of slin16); a partial
+tail waits for the next audio, or is padded with silence when a mark must follow it.
 """
 
 from __future__ import annotations
 
 ULAW_SILENCE = 0xFF
+_FINAL_BINARY = 0x82  # FIN, no RSV bits, opcode 2
+_MASKED = 0x80
+
+
+def read_media_frame(data: bytes, start: int, max_payload: int) -> tuple[bytes, int] | None:
+    """The unmasked payload of the whole frame at ``data[start:]`` and the offset after it, if
+    that frame is a final, masked binary frame of at most ``max_payload`` bytes in the shortest
+    length encoding; None for anything else, which is the general parser's to judge."""
+    end = len(data)
+    if end - start < 6 or data[start] != _FINAL_BINARY:
+        return None
+    size = data[start + 1]
+    if not size & _MASKED:
+        return None
+    size &= 0x7F
+    key_at = start + 2
+    if size == 126:
+        if end - start < 8:
+            return None
+        size = (data[key_at] << 8) | data[key_at + 1]
+        if size < 126:
+            return None
+        key_at += 2
+    elif size == 127:
+        return None  # 64 KiB or more: never a media frame
+    body = key_at + 4
+    stop = body + size
+    if size > max_payload or stop > end:
+        return None
+    return unmask(data[body:stop], data[key_at:body]), stop
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    """``payload`` XORed with the 4-byte masking ``key`` repeated (RFC 6455, 5.3)."""
+    size = len(payload)
+    if not size:
+        return b""
+    keys = (key * ((size + 3) >> 2))[:size]
+    masked = int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")
+    return masked.to_bytes(size, "little")
 
 
 def binary_frame(payload: bytes) -> bytes:

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from rapida_tap import internals
 from rapida_tap.contexts import ContextStoreUnavailable
+from rapida_tap.frame_writer import FrameWriter
 from rapida_tap.interfaces import ICallLeg
 from rapida_tap.media.codec import RateMatch
 from rapida_tap.media.lifecycle import (
@@ -47,7 +48,7 @@ from rapida_tap.reasons import EndReason, Refusal
 from rapida_tap.websocket import commands, control
 from rapida_tap.websocket.control import ControlError, ControlFormat
 from rapida_tap.websocket.formats import MediaFormat, chain, default_frame_size
-from rapida_tap.websocket.framing import MediaFramer, binary_frame
+from rapida_tap.websocket.framing import MediaFramer, binary_frame, read_media_frame
 from rapida_tap.websocket.handshake import (
     SUBPROTOCOL,
     HandshakeRefused,
@@ -92,6 +93,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self._mark_names: dict[str, str] = {}
         self._mark_seq = 0
         self._unread = 0  # bytes written while the peer does not read
+        self._writer: FrameWriter | None = None  # once open
 
     @property
     def call(self) -> Call | None:
@@ -163,6 +165,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         lifecycle = self._lifecycle()
+        self._writer = FrameWriter(self.transport)
         self._watch_writes()
         lifecycle.awaiting(self.factory.start_timeout, Refusal.NO_MEDIA_START, "no MEDIA_START")
         lifecycle.keep_alive()
@@ -186,25 +189,60 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
 
     # -- messages from Asterisk -----------------------------------------------------------
 
+    def _dataReceived(self, data: bytes) -> None:
+        """Whole binary frames between messages take the media path; the rest is Autobahn's.
+
+        A frame Autobahn has begun (a partial one, a fragmented message) stays Autobahn's to
+        the end, so the two parsers never share a frame.
+        """
+        if self.state == self.STATE_OPEN and internals.websocket_between_frames(self):
+            taken = self._media_frames(data)
+            if taken == len(data):
+                return
+            data = data[taken:]
+        super()._dataReceived(data)
+
+    def _media_frames(self, data: bytes) -> int:
+        """Hand the whole binary frames at the start of ``data`` to the call; how far it got."""
+        lifecycle = self._lifecycle()
+        limit = self.factory.max_message
+        offset = 0
+        try:
+            while self.state == self.STATE_OPEN:  # a frame may end the session
+                frame = read_media_frame(data, offset, limit)
+                if frame is None:
+                    break
+                if not offset:
+                    lifecycle.heard()
+                payload, offset = frame
+                self._audio(lifecycle, payload)
+        except Exception:
+            lifecycle.failed("handling a chan_websocket message failed")
+            return len(data)
+        return offset
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         lifecycle = self._lifecycle()
         lifecycle.heard()
         try:
             if isBinary:
-                call = lifecycle.call
-                if call is not None:
-                    if len(payload) & self._odd:
-                        lifecycle.protocol_error(f"{len(payload)}-byte message of 16-bit slin")
-                    elif payload:
-                        inbound = self._inbound or self._convert_for(call)
-                        call.audio_received(inbound(payload))  # the hot path
-                elif lifecycle.phase is Phase.AWAITING_ID:
-                    lifecycle.protocol_error("binary message before MEDIA_START")
-                return  # audio while the context is being claimed is dropped
-            if lifecycle.control_allowed():
+                self._audio(lifecycle, payload)
+            elif lifecycle.control_allowed():
                 self._text(lifecycle, payload)
         except Exception:
             lifecycle.failed("handling a chan_websocket message failed")
+
+    def _audio(self, lifecycle: LegLifecycle, payload: bytes) -> None:
+        call = lifecycle.call
+        if call is not None:
+            if len(payload) & self._odd:
+                lifecycle.protocol_error(f"{len(payload)}-byte message of 16-bit slin")
+            elif payload:
+                inbound = self._inbound or self._convert_for(call)
+                call.audio_received(inbound(payload))  # the hot path
+        elif lifecycle.phase is Phase.AWAITING_ID:
+            lifecycle.protocol_error("binary message before MEDIA_START")
+        # audio while the context is being claimed is dropped
 
     def _text(self, lifecycle: LegLifecycle, payload: bytes) -> None:
         limit = self.factory.max_text
@@ -355,8 +393,8 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     def _send_binary(self, payload: bytes) -> None:
         """One binary message; framed by hand in the open state (Autobahn's general path costs
         several times the frame), through Autobahn otherwise."""
-        if internals.websocket_open_and_idle(self):
-            self.transport.write(binary_frame(payload))  # type: ignore[union-attr]
+        if internals.websocket_open_and_idle(self) and self._writer is not None:
+            self._writer.write(binary_frame(payload))
         elif self._is_open():
             self.sendMessage(payload, isBinary=True)
 
@@ -425,5 +463,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._inbound, self._outbound = None, bytes  # the resamplers' native state
+        if self._writer is not None:
+            self._writer.detach()
         if self.lifecycle is not None:
             self.lifecycle.connection_lost()
