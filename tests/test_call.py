@@ -407,12 +407,14 @@ class BacklogTrimTests(SynchronousTestCase):
         self.assertEqual(self.call.trimmed_frames, 0)
 
 
-class CushionTests(SynchronousTestCase):
-    """A real-time source whose frames land near our tick keeps one frame in hand: no gaps."""
+class RealTimeSource(SynchronousTestCase):
+    """A call fed by a real-time source on a Clock (no tests of its own)."""
+
+    phases = 1
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.pacer = Pacer(self.clock)
+        self.pacer = Pacer(self.clock, phases=self.phases)
         self.leg = FakeLeg()
         self.call = Call(
             CallContext(new_context_id(), "a"), self.leg, clock=self.clock, pacer=self.pacer
@@ -452,6 +454,10 @@ class CushionTests(SynchronousTestCase):
         audio = [i for i, f in enumerate(out) if f != SILENCE]
         return sum(1 for f in out[audio[0] : audio[-1]] if f == SILENCE)
 
+
+class CushionTests(RealTimeSource):
+    """A real-time source whose frames land near our tick keeps one frame in hand: no gaps."""
+
     def test_frames_landing_just_before_the_tick_never_miss_it(self) -> None:
         self.clock.advance(0.0195 - 0.001)  # 1 ms before the first tick (which fires 0.5 ms early)
         self.run_source(0.0, [0.0, 0.0015, -0.001, 0.0025, 0.0], 500)  # jitter across the tick
@@ -485,6 +491,43 @@ class CushionTests(SynchronousTestCase):
         self.run_source(0.0, [0.0], 300)
         self.assertGreaterEqual(self.call.trimmed_frames, 3)
         self.assertLessEqual(self.call.queued_frames, 2)
+
+
+class AlignedTests(RealTimeSource):
+    """On a phased pacer, a real-time source is moved to the tick just after its frames land."""
+
+    phases = 4
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.sent_at: dict[bytes, float] = {}
+        send = self.leg.send_audio
+
+        def timed(frame: bytes) -> bool:
+            self.sent_at.setdefault(frame, self.clock.seconds())
+            return send(frame)
+
+        self.leg.send_audio = timed  # type: ignore[method-assign]
+
+    def test_frames_landing_anywhere_wait_five_to_ten_ms_and_never_miss(self) -> None:
+        for start in (0.0185, 0.0195, 0.0201, 0.0230, 0.0290):
+            self.setUp()
+            self.clock.advance(start)
+            played_at = []
+            grid = self.clock.seconds()
+            for i, jitter in zip(range(300), [0.0, 0.0015, -0.001, 0.0025, 0.0] * 60, strict=True):
+                self.advance_to(grid + i * 0.02 + jitter)
+                played_at.append((self.source_frame(self.n), self.clock.seconds()))
+                self.call.play(self.source_frame(self.n))
+                self.n += 1
+            self.advance_to(self.clock.seconds() + 0.1)
+            self.assertEqual(self.gaps(), 0, start)
+            self.assertEqual(self.call.underruns, 0)
+            first_frame, first_in = played_at[0]
+            self.assertGreaterEqual(self.sent_at[first_frame] - first_in, 0.005 - 0.0005)
+            self.assertLessEqual(self.sent_at[first_frame] - first_in, 0.010)
+            audio = [f for f in self.leg.out if f != SILENCE]
+            self.assertEqual(audio, [self.source_frame(i) for i in range(1, self.n)])
 
 
 class RealTimeBacklogTests(SynchronousTestCase):

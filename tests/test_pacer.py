@@ -1,5 +1,7 @@
 """The shared pacer: one frame per stream per tick, on a drift-free grid, with bounded catch-up."""
 
+import itertools
+
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -127,3 +129,68 @@ class PacerTests(SynchronousTestCase):
         self.pacer.add(Stream(self.clock))
         self.clock.advance(0.025)
         self.assertAlmostEqual(seen[0], 0.005)
+
+
+class PhasedPacerTests(SynchronousTestCase):
+    """Four ticks per 20 ms; each stream on one of them, once per 20 ms."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pacer = Pacer(self.clock, interval=0.02, max_debt=5, phases=4)
+
+    def go(self, seconds: float) -> None:
+        """Fire every timer at its own time."""
+        end = self.clock.seconds() + seconds
+        while (calls := self.clock.getDelayedCalls()) and min(c.getTime() for c in calls) <= end:
+            self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
+        self.clock.advance(max(0.0, end - self.clock.seconds()))
+
+    def test_streams_spread_over_the_phases_each_once_per_interval(self) -> None:
+        streams = [Stream(self.clock) for _ in range(8)]
+        for s in streams:
+            self.pacer.add(s)
+        self.go(1.0)
+        for s in streams:
+            times = [t for t, _ in s.ticks]
+            self.assertEqual(len(times), 50)
+            gaps = {round(b - a, 6) for a, b in itertools.pairwise(times)}
+            self.assertEqual(gaps, {0.02})
+        phases = sorted(round(s.ticks[0][0] % 0.02, 4) for s in streams)
+        self.assertEqual(phases, [0.0045, 0.0045, 0.0095, 0.0095, 0.0145, 0.0145, 0.0195, 0.0195])
+        self.assertEqual(self.pacer.ticks, 50)
+        self.assertEqual(self.pacer.position, 50)
+
+    def test_align_picks_the_first_tick_at_least_the_margin_away(self) -> None:
+        s = Stream(self.clock)
+        self.pacer.add(s)
+        for offset in (0.0, 0.001, 0.0031, 0.007, 0.0149):
+            self.go(offset)
+            self.pacer.align(s, 0.005)
+            wait = self.pacer.until_next_tick(s)
+            self.assertGreaterEqual(wait, 0.005 - 1e-9)
+            self.assertLess(wait, 0.010)
+            before = len(s.ticks)
+            self.go(wait)
+            self.assertEqual(len(s.ticks), before + 1)  # it really ticks then
+
+    def test_a_stall_puts_debt_only_on_the_phases_that_missed_a_whole_tick(self) -> None:
+        streams = [Stream(self.clock) for _ in range(4)]
+        for s in streams:
+            self.pacer.add(s)
+        self.go(0.02)  # each stream ticked once; the last tick was at 19.5 ms
+        self.clock.advance(0.03)  # blocked: the phases due at 25 and 30 ms missed a tick
+        self.assertEqual(self.pacer.late_ticks, 1)
+        self.assertEqual([len(s.ticks) for s in streams], [2, 2, 2, 2])
+        owed = sorted(round(s.ticks[0][0], 4) for s in streams if s.ticks[1][1])
+        self.assertEqual(owed, [0.0045, 0.0095])  # their catch-up frame, now
+        self.assertEqual(self.pacer.debt, 0)
+
+    def test_a_long_stall_is_forgiven_beyond_the_cap_on_every_phase(self) -> None:
+        streams = [Stream(self.clock) for _ in range(4)]
+        for s in streams:
+            self.pacer.add(s)
+        self.clock.advance(1.0)
+        self.assertEqual(self.pacer.skipped_ticks, 4 * (49 - 5))
+        self.go(0.4)
+        for s in streams:
+            self.assertEqual(sum(1 for _, c in s.ticks if c), 5)

@@ -15,7 +15,7 @@ from rapida_tap.events.publisher import CallEvents
 from rapida_tap.events.quality import ENDED_BY, percentile_ms
 from rapida_tap.logs import event_as_json
 from rapida_tap.media.bridge import MediaBridge
-from rapida_tap.media.pacer import LATENESS_EDGES
+from rapida_tap.media.pacer import LATENESS_EDGES, Pacer
 from rapida_tap.reasons import EndReason
 from tests.support import RecordingAssistant, capture_logs
 from tests.test_call import FakeLeg, frame
@@ -57,6 +57,7 @@ class QualityReportTests(SynchronousTestCase):
             clock=self.clock,
             contexts=self.store,
             assistants=AssistantRegistry(default=self.assistant),
+            pacer=Pacer(self.clock),  # one phase: ``tick`` is the call's own 20 ms tick
             idle_timeout=0,
         )
         self.sent = SentEvents()

@@ -14,6 +14,9 @@ from rapida_tap.media.call import Call
 from rapida_tap.media.pacer import Pacer
 from rapida_tap.reasons import EndReason, NotAccepting, UnknownAssistant
 
+PACER_PHASES = 4
+"""Ticks per 20 ms on the shared grid; each call is paced on one (``rapida_tap.media.pacer``)."""
+
 if TYPE_CHECKING:  # pragma: no cover
     from rapida_tap.assistants.registry import AssistantRegistry
     from rapida_tap.contexts import CallContext
@@ -42,7 +45,7 @@ class MediaBridge:
         self.clock = clock
         self.contexts = contexts
         self.assistants = assistants
-        self.pacer = pacer if pacer is not None else Pacer(clock)
+        self.pacer = pacer if pacer is not None else Pacer(clock, phases=PACER_PHASES)
         self.idle_timeout = idle_timeout
         self.accepting = True
         self.calls: dict[str, Call] = {}

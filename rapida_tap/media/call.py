@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 TRIM_WINDOW = 50  # ticks (1 s) a backlog must stand before real-time audio is caught up
 REALTIME_BACKLOG = 250  # frames (5 s) a real-time source may queue; older ones are dropped
 NEAR_TICK = 0.004  # s: audio that starts this close before a tick gets a frame of cushion
+ALIGN_MARGIN = 0.005  # s: audio that starts after silence waits at least this for its tick
 
 
 class Call:
@@ -194,8 +195,11 @@ class Call:
             self.underruns += 1
             self._gap_open = False
             self._cushion = 1  # its frames land near our tick: keep one in hand from now on
-        elif not self._playing and not self._cushion and not self._queue:
-            self._cushion = int(self._pacer.until_next_tick() < NEAR_TICK)
+        elif not self._playing and not self._queue:
+            if self._pacer.phases > 1:
+                self._pacer.align(self, ALIGN_MARGIN)
+            elif not self._cushion:
+                self._cushion = int(self._pacer.until_next_tick(self) < NEAR_TICK)
         data = self._partial + pcm if self._partial else pcm
         whole = len(data) - len(data) % size
         queue = self._queue
