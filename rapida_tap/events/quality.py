@@ -70,7 +70,7 @@ def build_report(call: Call, outbound_times: OutboundTimes | None = None) -> dic
     reason = call.end_reason
     ended_at = call.ended_at if call.ended_at is not None else call.started_at
     ticks = call.pacing_ticks
-    tick_count = sum(ticks)
+    rounds = call.pacing_rounds
     times = outbound_times(context.context_id) if outbound_times is not None else None
     if times is not None:
         setup, ring = times
@@ -104,11 +104,11 @@ def build_report(call: Call, outbound_times: OutboundTimes | None = None) -> dic
         "overflow_frames": call.overflow_frames,
         "trimmed_frames": call.trimmed_frames,
         "dropped_frames": call.dropped_frames,
-        "ticks": tick_count,
+        "ticks": rounds,
         "pacing_error_p50_ms": percentile_ms(ticks, 0.50),
         "pacing_error_p99_ms": percentile_ms(ticks, 0.99),
         "queue_depth_max": call.queue_depth_max,
-        "queue_depth_mean": round(call.queue_depth_sum / tick_count, 2) if tick_count else 0.0,
+        "queue_depth_mean": round(call.queue_depth_sum / rounds, 2) if rounds else 0.0,
         "xoff": int(getattr(leg, "xoff_count", 0)),
         "pauses": call.pauses,
         "first_audio_ms": _ms(first_audio),

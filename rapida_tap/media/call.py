@@ -115,7 +115,9 @@ class Call:
         self.queue_depth_sum = 0
         self.queue_depth_max = 0
         self.lateness_at_start = pacer.lateness.snapshot()
-        self.pacing_ticks: list[int] = []  # ticks the call saw, by lateness (set at its end)
+        self.pacing_ticks: list[int] = []  # pacer ticks while it lasted, by lateness (at its end)
+        self.rounds_at_start = pacer.ticks
+        self.pacing_rounds = 0  # 20 ms rounds of the pacer while it lasted (at its end)
         self.recorder: CallRecorder | None = None  # set by the recording subscriber
         self._idle_timeout = idle_timeout
         self._idle_seen = (0, 0)
@@ -486,6 +488,7 @@ class Call:
         self.end_detail = detail
         self.ended_at = self._clock.seconds()
         self.pacing_ticks = self._pacer.lateness.since(self.lateness_at_start)
+        self.pacing_rounds = self._pacer.ticks - self.rounds_at_start
         self._pacer.remove(self)
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
