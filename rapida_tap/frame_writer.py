@@ -6,6 +6,9 @@ roughly a third of the daemon's CPU.  A direct ``send`` is one syscall, and the 
 *is* the send time.  What the kernel does not take goes through ``transport.write`` as
 before, so buffering, ordering and producer pausing stay Twisted's.  Over TLS the frame is
 encrypted at once (`MediaTLSTransport.write_now`) and its record sent the same way.
+
+Reads are made smaller too: Twisted allocates its 64 KiB read buffer for every ``recv``, and
+a call's reads are a frame or a few (a burst of five μ-law frames is 830 bytes).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 
 from rapida_tap import internals
 from rapida_tap.tls_transport import MediaTLSTransport
+
+READ_BYTES = 4096
 
 
 class FrameWriter:
@@ -25,6 +30,8 @@ class FrameWriter:
         self._tls = transport if isinstance(transport, MediaTLSTransport) else None
         self._tcp = transport.transport if self._tls is not None else transport
         self._socket = internals.direct_socket(self._tcp)
+        if self._socket is not None:
+            self._tcp.bufferSize = READ_BYTES
 
     def write(self, data: bytes) -> None:
         if self._tls is not None:
