@@ -25,9 +25,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rapida_tap.contexts import CallContext, ContextStoreUnavailable, new_context_id
-from rapida_tap.control_rules import (
+from rapida_tap.contexts import (
     CALL_RECORD_TTL,
+    CallContext,
+    ContextStoreUnavailable,
+    new_context_id,
+)
+from rapida_tap.control_rules import (
     FALLBACK_OUTCOMES,
     CallNotFound,
     CallNotInProgress,

@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
+from rapida_tap.expiring import ExpiringMap
 from rapida_tap.interfaces import IContextStore
 from rapida_tap.reasons import CallRefused, Refusal
 
@@ -91,6 +92,10 @@ class CallContext:
         )
 
 
+#: Seconds a call's record stays readable after it was last written.
+CALL_RECORD_TTL = 3600.0
+
+
 @implementer(IContextStore)
 class MemoryContextStore:
     """The embedded default: contexts of this process only.
@@ -101,14 +106,16 @@ class MemoryContextStore:
     """
 
     def __init__(
-        self, clock: IReactorTime, tombstone_ttl: float = 600.0, max_records: int = 10000
+        self,
+        clock: IReactorTime,
+        tombstone_ttl: float = 600.0,
+        max_records: int = 10000,
     ) -> None:
         self._clock = clock
-        self._tombstone_ttl = tombstone_ttl
         self._max_records = max_records
         self._live: dict[str, tuple[CallContext, IDelayedCall]] = {}
-        self._tombstones: dict[str, tuple[type[ContextError], IDelayedCall]] = {}
-        self._records: dict[str, tuple[dict[str, str], IDelayedCall]] = {}
+        self._tombstones: ExpiringMap[type[ContextError]] = ExpiringMap(clock, tombstone_ttl)
+        self._records: ExpiringMap[dict[str, str]] = ExpiringMap(clock, CALL_RECORD_TTL)
         self._listeners: dict[str, Callable[[str], None]] = {}
 
     def __len__(self) -> int:
@@ -126,7 +133,7 @@ class MemoryContextStore:
         entry = self._live.pop(context_id, None)
         if entry is None:
             tomb = self._tombstones.get(context_id)
-            return defer.fail((tomb[0] if tomb else ContextUnknown)(context_id))
+            return defer.fail((tomb or ContextUnknown)(context_id))
         context, timer = entry
         timer.cancel()
         self._bury(context_id, ContextReused)
@@ -146,25 +153,22 @@ class MemoryContextStore:
     def update_call(
         self, context_id: str, fields: Mapping[str, str], ttl: float
     ) -> defer.Deferred[None]:
-        record, timer = self._records.pop(context_id, ({}, None))
-        if timer is not None and timer.active():
-            timer.cancel()
+        record = self._records.get(context_id) or {}
         record.update(fields)
-        expiry = self._clock.callLater(ttl, self._records.pop, context_id, None)
-        self._records[context_id] = (record, expiry)
+        self._records.set(context_id, record, ttl)
         while len(self._records) > self._max_records:
-            self._records.pop(next(iter(self._records)))[1].cancel()
+            self._records.pop_oldest()
         return defer.succeed(None)
 
     def load_call(self, context_id: str) -> defer.Deferred[dict[str, str]]:
-        entry = self._records.get(context_id)
-        return defer.succeed(dict(entry[0]) if entry else {})
+        record = self._records.get(context_id)
+        return defer.succeed(dict(record) if record else {})
 
     def claim_call_field(self, context_id: str, field: str, value: str) -> defer.Deferred[bool]:
-        entry = self._records.get(context_id)
-        if entry is None or field in entry[0]:
+        record = self._records.get(context_id)
+        if record is None or field in record:
             return defer.succeed(False)
-        entry[0][field] = value
+        record[field] = value
         return defer.succeed(True)
 
     def publish(self, channel: str, message: str) -> defer.Deferred[int]:
@@ -181,11 +185,6 @@ class MemoryContextStore:
         """Cancel every timer (service stop, tests)."""
         for _, timer in self._live.values():
             timer.cancel()
-        for _, timer in self._tombstones.values():
-            timer.cancel()
-        for _, timer in self._records.values():
-            if timer.active():
-                timer.cancel()
         self._live.clear()
         self._tombstones.clear()
         self._records.clear()
@@ -195,5 +194,4 @@ class MemoryContextStore:
         self._bury(context_id, ContextExpired)
 
     def _bury(self, context_id: str, why: type[ContextError]) -> None:
-        timer = self._clock.callLater(self._tombstone_ttl, self._tombstones.pop, context_id, None)
-        self._tombstones[context_id] = (why, timer)
+        self._tombstones.set(context_id, why)

@@ -12,8 +12,6 @@ from typing import Any
 from rapida_tap.assistants.config import AssistantsSpec, BotSpec
 from rapida_tap.twiml import Dial, Hangup, Instruction
 
-#: Seconds a call's record stays readable after it was last written.
-CALL_RECORD_TTL = 3600.0
 DEFAULT_ACCOUNT_SID = "rapida-asterisk"
 
 #: Asterisk's DIALSTATUS -> the transfer's outcome, in Twilio's words (DialCallStatus).

@@ -140,6 +140,7 @@ def makeService(options: Options) -> service.MultiService:
     txaio.set_global_log_level("error")  # type: ignore[attr-defined]  # bound by use_twisted()
     try:
         internals.check()
+        internals.dispatch_events_directly(reactor)
         daemon = Daemon(settings, reactor, on_drained=reactor.stop)
         check_ports_free(settings)  # a port in use: one line now, before twistd logs or forks
     except (ConfigError, internals.LibraryChanged) as e:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 import pytest
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import abstract, epollreactor, selectreactor
+from twisted.logger import globalLogPublisher
+from twisted.python import context, log
 
 from rapida_tap import internals
+from tests.support import LogCapture
 
 
 def test_the_installed_libraries_have_what_the_daemon_relies_on() -> None:
@@ -34,3 +41,86 @@ def test_an_8khz_node_does_not_load_numpy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+# -- the epoll reactor's event dispatch ------------------------------------------------------
+
+
+class Reader(abstract.FileDescriptor):
+    """Reads one end of a socketpair; ``fail`` makes its next read raise."""
+
+    def __init__(self, reactor: Any, sock: socket.socket) -> None:
+        super().__init__(reactor)
+        self.sock = sock
+        self.got: list[bytes] = []
+        self.fail = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "reader"  # what Twisted's own dispatch would put in the log context
+
+    def doRead(self) -> None:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("boom")
+        self.got.append(self.sock.recv(100))
+
+
+def test_epoll_events_reach_their_connection_without_the_log_context() -> None:
+    reactor = epollreactor.EPollReactor()
+    a, b = socket.socketpair()
+    try:
+        assert internals.dispatch_events_directly(reactor) is True
+        reader = Reader(reactor, a)
+        reactor.addReader(reader)
+        b.send(b"frame")
+        reactor.doIteration(1)
+        assert reader.got == [b"frame"]
+        seen: list[object] = []
+        reader.doRead = lambda: seen.append(context.get(log.ILogContext)["system"])  # type: ignore[method-assign]
+        b.send(b"x")
+        reactor.doIteration(1)
+        assert seen == ["-"]  # no per-event context was pushed
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        a.close()
+        b.close()
+
+
+def test_a_failing_connection_is_dropped_and_the_others_go_on() -> None:
+    reactor = epollreactor.EPollReactor()
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        internals.dispatch_events_directly(reactor)
+        bad, good = Reader(reactor, pairs[0][0]), Reader(reactor, pairs[1][0])
+        bad.fail = True
+        bad.connectionLost = lambda reason: None  # type: ignore[method-assign]
+        reactor.addReader(bad)
+        reactor.addReader(good)
+        for _, other in pairs:
+            other.send(b"x")
+        logs = LogCapture()
+        globalLogPublisher.addObserver(logs)
+        try:
+            reactor.doIteration(1)  # Twisted logs the failure and disconnects the reader
+        finally:
+            globalLogPublisher.removeObserver(logs)
+        assert good.got == [b"x"]
+        assert bad not in reactor.getReaders()
+        assert "boom" in logs.text()
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_other_reactors_are_left_alone() -> None:
+    reactor = selectreactor.SelectReactor()
+    before = reactor.doIteration
+    assert internals.dispatch_events_directly(reactor) is False
+    assert reactor.doIteration == before
