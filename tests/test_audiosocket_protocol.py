@@ -170,6 +170,33 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(call.end_reason, reasons.PROTOCOL_ERROR)
         self.assertEqual(self.bridge.calls, {})
 
+    def test_whole_frames_split_frames_and_runs_of_frames_keep_their_order(self) -> None:
+        """One whole frame per read takes the short path; anything else the decoder's."""
+        proto, transport, ctx = self.start_call()
+        frames = [encode_frame(Kind.SLIN_8K, bytes([n]) * 320) for n in range(1, 8)]
+        reads = [
+            frames[0],
+            frames[1][:100],  # the decoder now holds part of a frame...
+            frames[1][100:] + frames[2][:23],
+            frames[2][23:],  # ...and this read is a frame's length, but not a frame
+            frames[3],
+            frames[4] + frames[5],
+            frames[6],
+        ]
+        for data in reads:
+            proto.dataReceived(data)
+        self.clock.pump([0.005] * 100)
+        echoed = [p for k, p in self.sent_frames(transport) if k == Kind.SLIN_8K and any(p)]
+        self.assertEqual(echoed, [f[3:] for f in frames])
+
+    def test_a_frame_sized_read_with_another_header_is_decoded_not_trusted(self) -> None:
+        proto, transport, ctx = self.start_call()
+        call = proto.call
+        proto.dataReceived(AUDIO)
+        proto.dataReceived(b"\x77" + AUDIO[1:])  # same length, unknown kind
+        self.assertEqual(call.end_reason, reasons.PROTOCOL_ERROR)
+        self.assertIn("0x77", call.end_detail)
+
     def test_second_uuid_is_a_protocol_error(self) -> None:
         proto, transport, ctx = self.start_call()
         call = proto.call

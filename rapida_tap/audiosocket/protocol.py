@@ -59,6 +59,7 @@ class AudioSocketProtocol(Protocol):
         self._out_kind = _SLIN8
         self._in_kind = -1  # the kind the conversion below is set up for (-1: none yet)
         self._direct_kind = -1  # an audio kind at the call's own rate: the hot path
+        self._direct_size = -1  # bytes of one such frame, header included
         self._wired = False
         self._header = b""
         self._silence = encode_frame(Kind.SLIN_8K, bytes(frame_bytes(8000)))
@@ -100,6 +101,11 @@ class AudioSocketProtocol(Protocol):
         if not lifecycle.open:
             return
         try:
+            if len(data) == self._direct_size and data[:3] == self._header:
+                call = lifecycle.call  # one whole frame of the call's own audio: the hot path
+                if call is not None and not self._decoder.buffered:
+                    call.audio_received(data[3:])
+                    return
             frames = self._decoder.feed(data)
             call = lifecycle.call
             for kind, payload in frames:
@@ -146,6 +152,7 @@ class AudioSocketProtocol(Protocol):
             self._wire(kind, call.caller_rate_is(rate))
             self._in_kind = kind
             self._direct_kind = kind if self._to_call is None else -1
+            self._direct_size = 3 + len(payload) if self._direct_kind != -1 else -1
         if self._to_call is not None:
             payload = self._to_call(payload)
         call.audio_received(payload)
@@ -158,6 +165,7 @@ class AudioSocketProtocol(Protocol):
         self._to_call, self._to_wire = match.to_call, match.to_wire
         self._out_kind = kind
         self._direct_kind = -1  # until Asterisk's audio shows this kind (see ``_audio``)
+        self._direct_size = -1
         self._header = encode_frame(kind, bytes(frame_bytes(rate)))[:3]
         self._silence = encode_frame(kind, bytes(frame_bytes(rate)))
         self._wired = True
