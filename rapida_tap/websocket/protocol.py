@@ -189,6 +189,10 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
 
     # -- messages from Asterisk -----------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn's own first formats the fields of a debug line, for every read.
+        self._dataReceived(data)
+
     def _dataReceived(self, data: bytes) -> None:
         """Whole binary frames between messages take the media path; the rest is Autobahn's.
 
