@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -189,3 +191,22 @@ def test_whole_records_never_take_twisteds_read_loop(
     assert general == [1]
     pair.server.dataReceived(data[5:])
     assert pair.app.received[-1] == b"half"
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(st.integers(min_value=1, max_value=4000), max_size=10), st.integers(1, 20))
+def test_records_cut_anywhere_arrive_whole_and_in_order(
+    pair: Pair, cuts: list[int], frames: int
+) -> None:
+    messages = [bytes([i]) * (166 + i) for i in range(frames)]
+    data = pair.records(*messages)
+    before = b"".join(pair.app.received)
+    points = sorted({c % len(data) for c in cuts} - {0})
+    for start, end in zip([0, *points], [*points, len(data)], strict=True):
+        pair.server.dataReceived(data[start:end])
+    assert b"".join(pair.app.received) == before + b"".join(messages)
