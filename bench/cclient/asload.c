@@ -513,7 +513,7 @@ int main(int argc, char **argv) {
     static const unsigned char hangup[3] = {0x00, 0x00, 0x00};
     for (int i = 0; i < ncalls; i++) { /* as Asterisk does: a hangup frame, then close */
         struct call *c = &calls[i];
-        if (c->state == IN_CALL)
+        if (c->state == IN_CALL && !c->out_len) /* never inside a frame the kernel has half of */
             send(c->fd, hangup, sizeof hangup, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (c->fd >= 0)
             close(c->fd);
