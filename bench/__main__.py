@@ -16,7 +16,7 @@ import math
 import sys
 from typing import Any
 
-from bench import edges
+from bench import cclient, edges
 from bench import server as servers
 from bench.client import AUDIOSOCKET, PATTERNS, TRANSPORTS, WSS
 from bench.drain import drain as run_drain
@@ -27,6 +27,16 @@ from bench.stats import BAR_INTERVAL_P99_MS, format_table
 
 def _core(text: str) -> int | None:
     return None if text.lower() in ("none", "no", "") else int(text)
+
+
+def _client(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--client",
+        choices=cclient.CLIENTS,
+        default=cclient.AUTO,
+        help="the load client: c (AudioSocket only, built with gcc), python, or auto: c "
+        "where it can [auto]",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,6 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burst", type=int, default=5, help="frames per burst (bursty) [5]")
     p.add_argument("--jitter-ms", type=float, default=10.0, help="max jitter (jittered) [10]")
     p.add_argument("--workers", type=int, default=2, help="client processes [2]")
+    _client(p)
     p.add_argument(
         "--core", type=_core, default=1, help="pin the server to this CPU, or 'none' [1]"
     )
@@ -85,6 +96,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     soak.add_argument("--every", type=float, default=30.0, help="seconds between samples [30]")
     soak.add_argument("--idle", type=float, default=30.0, help="idle watch at the end, s [30]")
     soak.add_argument("--transport", choices=TRANSPORTS, default=AUDIOSOCKET)
+    _client(soak)
     soak.add_argument("--core", type=_core, default=1, help="pin the daemon to this CPU [1]")
     soak.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
     soak.add_argument(
@@ -120,6 +132,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("compare needs --peer 'COMMAND {port}'")
     if getattr(args, "peer", None) and args.transport != AUDIOSOCKET:
         parser.error("--peer servers speak AudioSocket only: --transport audiosocket")
+    if getattr(args, "client", None) == cclient.C and args.transport != AUDIOSOCKET:
+        parser.error("the C client speaks AudioSocket only: --client python")
     return args
 
 
@@ -134,6 +148,7 @@ def _config(args: argparse.Namespace, calls: int) -> LoadConfig:
         workers=args.workers,
         noise_probe=args.noise_probe,
         transport=args.transport,
+        client=args.client,
     )
 
 
@@ -186,7 +201,8 @@ def _line(n: int, m: dict[str, Any]) -> str:
         f"p99 err={m['interval_error_ms']['p99']:.3f} ms  lost={m['frames_lost']}  "
         f"underruns={m['underruns_daemon'] if m['underruns_daemon'] is not None else '-'}/"
         f"{m['underruns_client']}  server={m['server_cpu_core_percent']:.0f}%  "
-        f"client={m['client_cpu_core_percent']:.0f}%  failed={m['calls_failed']}"
+        f"client={m['client']} {m['client_cpu_core_percent']:.0f}% "
+        f"lag p99={m['client_send_lag_ms']['p99']:.3f} ms  failed={m['calls_failed']}"
     )
 
 
@@ -296,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 transport=args.transport,
                 out=sys.stdout,
                 trace_dir=args.trace,
+                client=args.client,
             )
         finally:
             server.stop()

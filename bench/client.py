@@ -28,6 +28,7 @@ import ssl
 import time
 import uuid
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ _REG_CONNECT, _REG_READ, _AS_CONNECT, _IN_CALL, _DONE, _FAILED = range(6)
 _WS_CONNECT, _TLS_HANDSHAKE, _WS_UPGRADE = range(6, 9)
 _SLIN8 = int(Kind.SLIN_8K)
 _HANGUP = int(Kind.HANGUP)
-_EARLY = 0.0005  # seconds: write a frame this much before it is due rather than spin
+EARLY = 0.0005  # seconds: write a frame this much before it is due rather than spin
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
     late: array[float] = array("d")
     lag: array[float] = array("d")
     calls = [
-        _Call(plan.first_index + i, start, _tracker(plan, intervals, latencies, early, late))
+        _Call(plan.first_index + i, start, echo_tracker(plan, intervals, latencies, early, late))
         for i, start in enumerate(plan.starts)
     ]
     by_fd: dict[int, _Call] = {}
@@ -453,7 +454,7 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
                 begin(calls[next_start], now)
                 next_start += 1
             if now < plan.stop_at:
-                soon = now + _EARLY
+                soon = now + EARLY
                 while heap and heap[0][0] <= soon:
                     due, i = heapq.heappop(heap)
                     call = calls[i]
@@ -464,10 +465,10 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
                 wake = min(wake, heap[0][0], plan.stop_at)
             if next_start < len(calls):
                 wake = min(wake, calls[next_start].start)
-            # epoll rounds its timeout up to whole ms; frames due within _EARLY go out now,
+            # epoll rounds its timeout up to whole ms; frames due within EARLY go out now,
             # so the client never spins (it shares a CPU with others) and is at most ~0.5 ms
             # early or late.
-            events = ep.poll(max(0.0, wake - time.monotonic() - _EARLY))
+            events = ep.poll(max(0.0, wake - time.monotonic() - EARLY))
             now = time.monotonic()
             for fd, mask in events:
                 ready = by_fd.get(fd)
@@ -483,7 +484,18 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
                 call.error = call.error or "not set up before the end"
         ep.close()
     cpu1 = time.process_time()
-    return _results(plan, calls, intervals, latencies, early, late, lag, blocked, cpu0, cpu1, wall0)
+    outcomes = [(c.tracker, c.error if c.state == _FAILED else None, c.setup_start) for c in calls]
+    return worker_results(
+        outcomes,
+        intervals,
+        latencies,
+        early,
+        late,
+        lag,
+        blocked,
+        cpu_seconds=cpu1 - cpu0,
+        wall_seconds=time.monotonic() - wall0,
+    )
 
 
 def _all_echoed(calls: list[_Call]) -> bool:
@@ -493,7 +505,7 @@ def _all_echoed(calls: list[_Call]) -> bool:
     return True
 
 
-def _tracker(
+def echo_tracker(
     plan: WorkerPlan,
     intervals: array[float],
     latencies: array[float],
@@ -515,31 +527,34 @@ def _due(call: _Call, plan: WorkerPlan, period: float, rng: random.Random) -> fl
     return due
 
 
-def _results(
-    plan: WorkerPlan,
-    calls: list[_Call],
+def worker_results(
+    outcomes: Sequence[tuple[EchoTracker, str | None, float]],
     intervals: array[float],
     latencies: array[float],
     early: array[float],
     late: array[float],
     lag: array[float],
     blocked: int,
-    cpu0: float,
-    cpu1: float,
-    wall0: float,
+    *,
+    cpu_seconds: float,
+    wall_seconds: float,
 ) -> dict[str, Any]:
+    """A client process's raw results (see `bench.load.summarize`), whichever client ran it.
+
+    ``outcomes``: per call, its tracker, why it failed (None if it did not) and when its set-up
+    began; the arrays are the ones its trackers filled; CPU and wall time are the loop's.
+    """
     errors: dict[str, int] = {}
     setup: list[float] = []
     totals = dict.fromkeys(
         ("sent", "echoed", "lost", "duplicated", "corrupt", "silence", "underruns"), 0
     )
-    for call in calls:
-        t = call.tracker
-        if call.state == _FAILED:
-            errors[call.error] = errors.get(call.error, 0) + 1
+    for t, error, setup_start in outcomes:
+        if error is not None:
+            errors[error] = errors.get(error, 0) + 1
         t.finish()
         if t.first_echo_at is not None:
-            setup.append(t.first_echo_at - call.setup_start)
+            setup.append(t.first_echo_at - setup_start)
         totals["sent"] += t.sent_frames
         totals["echoed"] += t.echoed
         totals["lost"] += t.lost
@@ -548,7 +563,7 @@ def _results(
         totals["silence"] += t.silence
         totals["underruns"] += t.underruns
     return {
-        "calls": len(calls),
+        "calls": len(outcomes),
         "failed": sum(errors.values()),
         "errors": errors,
         **totals,
@@ -559,6 +574,6 @@ def _results(
         "late": late,
         "lag": lag,
         "blocked_writes": blocked,
-        "cpu_seconds": cpu1 - cpu0,
-        "wall_seconds": time.monotonic() - wall0,
+        "cpu_seconds": cpu_seconds,
+        "wall_seconds": wall_seconds,
     }

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from bench import cclient
 from bench import server as servers
 from bench.client import AUDIOSOCKET, PACED, WorkerPlan, run_worker
 from bench.noise import timer_noise
@@ -40,6 +41,7 @@ class LoadConfig:
     seed: int = 1
     noise_probe: float = 1.0  # seconds of host timer-noise probe before the run (0: none)
     transport: str = AUDIOSOCKET  # or websocket (ws://), wss (wss://)
+    client: str = cclient.AUTO  # c, python, or auto: c for AudioSocket when gcc is here
 
 
 def client_cores(server_core: int | None) -> list[int | None]:
@@ -96,6 +98,11 @@ def run_load(
     """Play ``config`` against a started ``server``; return the metrics dict."""
     if config.transport != AUDIOSOCKET and server.ws_port is None:
         raise ValueError(f"{server.name} has no chan_websocket endpoint")
+    config = replace(config, client=cclient.choose(config.client, config.transport))
+    worker = run_worker
+    if config.client == cclient.C:
+        cclient.binary()  # built once here, not by each client process at its start
+        worker = cclient.run_worker
     cores = client_cores(_server_core(server))
     noise = dict.fromkeys(("p50", "p99", "max"), math.nan)
     if config.noise_probe:
@@ -105,7 +112,7 @@ def run_load(
     plans, hold_from, stop_at = plan_workers(config, t0, server, cores)
     context = multiprocessing.get_context("fork")
     with context.Pool(len(plans)) as pool:
-        pending = pool.map_async(run_worker, plans)
+        pending = pool.map_async(worker, plans)
         _sleep_until(hold_from, server)
         cpu_a = servers.cpu_seconds(server.pid)
         profiler = profile(server, config.hold) if profile else None
@@ -177,6 +184,7 @@ def summarize(
         "server_rss_idle_mb": round(rss_idle, 2),
         "server_rss_mb": round(rss_at_n, 2),
         "server_rss_per_call_mb": (rss_at_n - rss_idle) / ok_calls if ok_calls else math.nan,
+        "client": config.client,
         "client_processes": len(results),
         "client_cpu_seconds": round(client_cpu, 3),
         "client_cpu_core_percent": round(100 * client_cpu / client_wall, 1),

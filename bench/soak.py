@@ -109,6 +109,7 @@ def soak(
     transport: str,
     out: TextIO,
     trace_dir: str | None = None,
+    client: str = "auto",
 ) -> dict[str, Any]:
     """Run the soak against a started daemon; return the summary (also printed to ``out``).
 
@@ -129,7 +130,9 @@ def soak(
     try:
         while not rounds or time.monotonic() < deadline:
             hold = max(1.0, min(round_seconds, deadline - time.monotonic()))
-            config = LoadConfig(calls=calls, hold=hold, noise_probe=0, transport=transport)
+            config = LoadConfig(
+                calls=calls, hold=hold, noise_probe=0, transport=transport, client=client
+            )
             metrics = run_load(config, server)
             rounds.append(
                 {

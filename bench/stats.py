@@ -228,6 +228,7 @@ ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("server CPU s/call-s", ("server_cpu_per_call_second",), "{:.6f}"),
     ("server RSS MB", ("server_rss_mb",), "{:.1f}"),
     ("server RSS MB/call", ("server_rss_per_call_mb",), "{:.4f}"),
+    ("client", ("client",), "{}"),
     ("client CPU % core", ("client_cpu_core_percent",), "{:.1f}"),
     ("client send lag p99 ms", ("client_send_lag_ms", "p99"), "{:.3f}"),
     ("host timer noise p99 ms", ("host_timer_noise_ms", "p99"), "{:.3f}"),

@@ -16,19 +16,23 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from array import array
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench import frames, ws
+from bench import cclient, frames, ws
 from bench.__main__ import parse
-from bench.client import parse_reply, registration_request
-from bench.server import cpu_seconds, daemon_call_counts, rss_mb
+from bench.client import WorkerPlan, parse_reply, registration_request, run_worker
+from bench.server import cpu_seconds, daemon_call_counts, free_port, rss_mb
 from bench.stats import EchoTracker, format_table, meets_bar, percentile, spread_ms
 
 REPO = Path(__file__).resolve().parents[1]
+needs_gcc = pytest.mark.skipif(not cclient.available(), reason="the C client needs gcc")
 
 # -- frames ------------------------------------------------------------------------------------
 
@@ -54,6 +58,27 @@ def test_numbered_frames_identify_themselves(seq: int) -> None:
 )
 def test_identify_rejects_what_we_did_not_send(data: bytes, expected: int) -> None:
     assert frames.identify(data) == expected
+
+
+@needs_gcc
+def test_the_c_client_identifies_returned_frames_as_frames_py_does() -> None:
+    p7 = frames.payload(7)
+    payloads = [frames.payload(seq) for seq in (1, 2, 49, 50, 51, 12345, 2**31 - 1)]
+    payloads += [
+        frames.SILENCE,
+        p7[:-1],
+        p7 + b"\x00\x00",
+        p7[:100] + b"\x01" + p7[101:],
+        b"\x07\x00\x00\x00" + p7[4:],
+        b"\x00\x00\x00\x80" + p7[4:],
+        bytes(4) + p7[4:],
+        frames.payload(8)[:4] + p7[4:],
+        bytes(range(256)) + bytes(64),
+        bytes(319) + b"\x01",
+    ]
+    expected = [frames.identify(p) for p in payloads]
+    assert expected.count(frames.IS_CORRUPT) == 9
+    assert cclient.identify(payloads) == expected
 
 
 @pytest.mark.parametrize("seq", [0, -1, 2**31])
@@ -434,6 +459,7 @@ LOAD_METRICS = {
     "server_rss_idle_mb",
     "server_rss_mb",
     "server_rss_per_call_mb",
+    "client",
     "client_cpu_seconds",
     "client_cpu_core_percent",
     "client_send_lag_ms",
@@ -478,6 +504,8 @@ def _check_load(m: dict, calls: int, daemon: bool) -> None:
     assert m["server_rss_mb"] > 0
     assert m["client_cpu_seconds"] > 0
     assert set(m["host_timer_noise_ms"]) == {"p50", "p99", "max"}
+    assert set(m["client_send_lag_ms"]) == {"p99", "max"}
+    assert all(isinstance(v, float) for v in m["client_send_lag_ms"].values())
     assert isinstance(m["meets_bar"], bool)
 
 
@@ -491,6 +519,8 @@ def test_compare_runs_the_same_tiny_load_on_the_daemon_and_a_peer(tmp_path: Path
     assert isinstance(result, dict)
     _check_load(result["rapida"], 3, daemon=True)
     _check_load(result["peer"], 3, daemon=False)
+    default = "c" if cclient.available() else "python"
+    assert result["rapida"]["client"] == result["peer"]["client"] == default
     assert "interval err p99 ms" in stdout
     assert stdout.splitlines()[1].split() == ["metric", "rapida", "peer"]
 
@@ -507,6 +537,60 @@ def test_a_tiny_websocket_load_loses_nothing(tmp_path: Path, transport: str) -> 
     assert result["config"]["transport"] == transport
     assert result["silence_frames"] == 0  # the daemon sends nothing during silence
     assert f"2 calls, {transport}, paced" in stdout
+
+
+@pytest.mark.parametrize(
+    ("client", "pattern"),
+    [
+        pytest.param("c", "paced", marks=needs_gcc),
+        pytest.param("c", "jittered", marks=needs_gcc),
+        ("python", "paced"),
+    ],
+)
+def test_a_tiny_audiosocket_load_loses_nothing_with_either_client(
+    tmp_path: Path, client: str, pattern: str
+) -> None:
+    stdout, result = _bench(
+        tmp_path,
+        *("run", "-n", "3", "--hold", "1", "--ramp", "50", "--workers", "2"),
+        *("--core", "none", "--noise-probe", "0.2", "--client", client, "--pattern", pattern),
+    )
+    assert isinstance(result, dict)
+    _check_load(result, 3, daemon=True)
+    assert result["client"] == result["config"]["client"] == client
+    assert result["client_processes"] == 2
+    assert ["client", client] in [line.split() for line in stdout.splitlines()]
+
+
+@pytest.mark.parametrize(
+    "worker", [pytest.param(cclient.run_worker, marks=needs_gcc, id="c"), run_worker]
+)
+def test_both_clients_count_failed_connections_with_a_reason(
+    worker: Callable[[WorkerPlan], dict[str, Any]],
+) -> None:
+    t0 = time.monotonic()
+    plan = WorkerPlan(
+        starts=(t0, t0),
+        first_index=0,
+        stop_at=t0 + 0.2,
+        hold_from=t0,
+        as_port=free_port(),  # nobody listens
+        http_port=None,
+        drain=0.0,
+    )
+    result = worker(plan)
+    assert (result["calls"], result["failed"]) == (2, 2)
+    assert result["errors"] == {"connect: ECONNREFUSED": 2}
+    assert result["sent"] == result["lost"] == 0
+
+
+def test_the_c_client_is_for_audiosocket_only() -> None:
+    with pytest.raises(SystemExit):
+        parse(["run", "--transport", "websocket", "--client", "c"])
+    with pytest.raises(ValueError, match="AudioSocket only"):
+        cclient.choose("c", "wss")
+    assert cclient.choose("auto", "websocket") == "python"
+    assert cclient.choose("python", "audiosocket") == "python"
 
 
 def test_max_mode_prints_one_figure(tmp_path: Path) -> None:
