@@ -65,6 +65,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--noise-probe", type=float, default=1.0, help="host timer-noise probe, s (0: off) [1]"
     )
+    p.add_argument(
+        "--daemon-src",
+        metavar="DIR",
+        help="run the daemon from this checkout (before/after comparisons) [this one]",
+    )
     p.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
 
 
@@ -156,7 +161,10 @@ def _start(args: argparse.Namespace, peer: str | None) -> servers.Server:
     if peer:
         return servers.start_peer(peer, args.core)
     return servers.start_daemon(
-        args.core, tls=args.transport == WSS, record_dir=getattr(args, "record", None)
+        args.core,
+        tls=args.transport == WSS,
+        record_dir=getattr(args, "record", None),
+        source=args.daemon_src,
     )
 
 

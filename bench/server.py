@@ -200,12 +200,15 @@ def start_daemon(
     nofile: int | None = None,
     trace_dir: str | None = None,
     record_dir: str | None = None,
+    source: str | None = None,
 ) -> Server:
     """The rapida-asterisk daemon on free 127.0.0.1 ports, pinned to ``core`` if given.
 
     Its chan_websocket endpoint is on the ``--http`` port; with ``tls`` also on an ``--https``
     port (a lab certificate made in a temporary directory), which is then ``ws_port``.  With
     ``record_dir`` every call is recorded there (a config file in a temporary directory).
+    ``source``: a checkout to run the daemon from instead of this one (its ``rapida_tap`` and
+    twistd plugin come first on the daemon's ``PYTHONPATH``).
     """
     as_port, http_port = free_port(), free_port()
     https: list[str] = []
@@ -247,7 +250,8 @@ def start_daemon(
         )
         command.append(f"--config={config}")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    code = str(Path(source).resolve()) if source else str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
     env.setdefault("RAPIDA_RATE_LIMIT", "1000000000")
     env.setdefault("RAPIDA_RATE_BURST", "1000000000")
     env.setdefault("RAPIDA_MAX_CONNECTIONS", "100000")

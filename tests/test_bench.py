@@ -531,6 +531,7 @@ def test_a_tiny_websocket_load_loses_nothing(tmp_path: Path, transport: str) -> 
         tmp_path,
         *("run", "-n", "2", "--hold", "1", "--ramp", "50", "--workers", "2"),
         *("--core", "none", "--noise-probe", "0.2", "--transport", transport),
+        *("--daemon-src", str(REPO)),  # a before/after run names the checkout explicitly
     )
     assert isinstance(result, dict)
     _check_load(result, 2, daemon=True)
