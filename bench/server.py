@@ -250,15 +250,16 @@ def start_daemon(
         )
         command.append(f"--config={config}")
     env = dict(os.environ)
-    code = str(Path(source).resolve()) if source else str(REPO)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
+    # ``python -c`` puts its working directory first on sys.path, before PYTHONPATH.
+    code = Path(source).resolve() if source else REPO
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     env.setdefault("RAPIDA_RATE_LIMIT", "1000000000")
     env.setdefault("RAPIDA_RATE_BURST", "1000000000")
     env.setdefault("RAPIDA_MAX_CONNECTIONS", "100000")
     env.setdefault("RAPIDA_ACCEPT_RATE", "1000000000")
     env.setdefault("RAPIDA_ACCEPT_BURST", "1000000000")
     env.update(extra_env or {})
-    server = _spawn("rapida-asterisk", command, env, as_port, http_port, core, nofile)
+    server = _spawn("rapida-asterisk", command, env, as_port, http_port, core, nofile, code)
     server.ws_port, server.tls, server._tls_dir = ws_port, tls, tls_dir
     server._config_dir = config_dir
     # tracemalloc makes start-up several times slower
@@ -286,8 +287,9 @@ def _spawn(
     http_port: int | None,
     core: int | None,
     nofile: int | None = None,
+    cwd: Path = REPO,
 ) -> Server:
-    """Start ``argv``; ``nofile``: its file descriptor limit (``ulimit -n``)."""
+    """Start ``argv`` in ``cwd``; ``nofile``: its file descriptor limit (``ulimit -n``)."""
     fd, path = tempfile.mkstemp(prefix="bench-server-", suffix=".log")
     log = os.fdopen(fd, "wb")
 
@@ -301,7 +303,7 @@ def _spawn(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env,
-        cwd=REPO,
+        cwd=cwd,
         preexec_fn=limit,
     )
     pinned = f"core {core}" if core is not None else None
