@@ -9,8 +9,10 @@ or a session ends its call as ``internal-error`` with the right hangup toward As
 
 from __future__ import annotations
 
+import gc
 import struct
 import uuid
+import weakref
 from typing import Any
 
 from twisted.internet import defer
@@ -60,9 +62,10 @@ class Peer:
         self.lost = False
 
     def lose(self) -> None:
-        """What the reactor does once the connection is gone."""
+        """What the reactor does once the connection is gone (TCP drops its producer too)."""
         if not self.lost:
             self.lost = True
+            self.transport.producer = None
             self.proto.connectionLost(Failure(ConnectionLost("gone")))
 
 
@@ -299,6 +302,23 @@ class LegContract:
         self.assertEqual(peer.transport.value(), written)
         self.assertEqual(len(self.bridge.pacer), 0)
         self.assertEqual(self.listener.connections, 0)
+
+    def test_an_ended_call_is_freed_by_reference_counts(self) -> None:
+        """Nothing refers back to an ended call: it goes at once, not at a full GC pass."""
+        peer, call = self.start_call()
+        self.send_audio(peer)
+        self.tick(2)
+        self.hang_up_as_peer(peer)
+        peer.lose()
+        self.tick(1)
+        self.assistant.sessions.clear()  # this test's own assistant keeps its sessions
+        gone = weakref.ref(call)
+        gc.disable()
+        try:
+            del call
+            self.assertIsNone(gone())
+        finally:
+            gc.enable()
 
     def test_daemon_hangup_says_goodbye_once_and_then_writes_nothing(self) -> None:
         peer, call = self.start_call()
