@@ -419,8 +419,11 @@ static void run(int tfd) {
                 send_due(&calls[s.call], s.due, buf);
         }
         double wake = end;
-        if (heap_n && now < stop_at)
-            wake = heap[0].due - early < stop_at ? heap[0].due - early : stop_at;
+        if (heap_n && now < stop_at) { /* on a grid of `early` steps: one timer re-arm a step
+                                        * at most, not one after each send (each is a VM exit) */
+            double at = ((int64_t)((heap[0].due - early) / early) + 1) * early;
+            wake = at < stop_at ? at : stop_at;
+        }
         if (next_start < ncalls && calls[next_start].start < wake)
             wake = calls[next_start].start;
         if (wake != armed) { /* one-shot, absolute; a time already past fires at once */
