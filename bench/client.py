@@ -445,9 +445,15 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
     wall0 = time.monotonic()
     end = plan.stop_at + plan.drain
     next_start = 0
+    cpu_hold_from = cpu_hold_to = None  # process time when the hold window began and ended
     try:
         while True:
             now = time.monotonic()
+            if cpu_hold_to is None and now >= plan.hold_from:
+                if cpu_hold_from is None:
+                    cpu_hold_from = time.process_time()
+                elif now >= plan.stop_at:
+                    cpu_hold_to = time.process_time()
             if now >= end or (now >= plan.stop_at and _all_echoed(calls)):
                 break
             while next_start < len(calls) and calls[next_start].start <= now:
@@ -494,6 +500,7 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
         lag,
         blocked,
         cpu_seconds=cpu1 - cpu0,
+        cpu_hold_seconds=(cpu_hold_to or cpu1) - (cpu_hold_from or cpu1),
         wall_seconds=time.monotonic() - wall0,
     )
 
@@ -537,12 +544,14 @@ def worker_results(
     blocked: int,
     *,
     cpu_seconds: float,
+    cpu_hold_seconds: float,
     wall_seconds: float,
 ) -> dict[str, Any]:
     """A client process's raw results (see `bench.load.summarize`), whichever client ran it.
 
     ``outcomes``: per call, its tracker, why it failed (None if it did not) and when its set-up
-    began; the arrays are the ones its trackers filled; CPU and wall time are the loop's.
+    began; the arrays are the ones its trackers filled; CPU and wall time are the loop's, and
+    ``cpu_hold_seconds`` the CPU it used over the hold window alone.
     """
     errors: dict[str, int] = {}
     setup: list[float] = []
@@ -575,5 +584,6 @@ def worker_results(
         "lag": lag,
         "blocked_writes": blocked,
         "cpu_seconds": cpu_seconds,
+        "cpu_hold_seconds": cpu_hold_seconds,
         "wall_seconds": wall_seconds,
     }

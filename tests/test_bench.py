@@ -462,6 +462,7 @@ LOAD_METRICS = {
     "client",
     "client_cpu_seconds",
     "client_cpu_core_percent",
+    "client_cpu_hold_core_percent",
     "client_send_lag_ms",
     "host_timer_noise_ms",
     "meets_bar",
