@@ -182,6 +182,6 @@ def _results(plan: WorkerPlan, summary: str, records: Path) -> dict[str, Any]:
         lag,
         int(stats["blocked"]),
         cpu_seconds=stats["cpu"],
-        cpu_hold_seconds=stats["cpu_hold"],
+        hold_share=stats["hold_share"],
         wall_seconds=stats["wall"],
     )

@@ -11,13 +11,14 @@
  *
  * Input: name=value arguments (see main); on stdin the 50 tone bodies (316 bytes each, frame
  * seq uses body seq % 50) and then each call's start (doubles, CLOCK_MONOTONIC s, ascending).
- * Output: `struct rec`s to the file out=PATH; on stdout "cpu S", "cpu_hold S" (over the hold
- * window), "wall S", "blocked N" and one "fail CALL REASON" per failed call.
+ * Output: `struct rec`s to the file out=PATH; on stdout "cpu S", "hold_share F" (CPU over wall
+ * time in the hold window), "wall S", "blocked N" and one "fail CALL REASON" per failed call.
  * `asload identify` reads the bodies, then (u16 length, payload) pairs, and prints each
  * payload's identity: bench/frames.py `identify`, for tests.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
@@ -71,7 +72,7 @@ static uint64_t rng;
 /* the plan */
 static int as_port, http_port, first_index, pattern = PACED, burst = 5;
 static double hold_from, stop_at, drain = 2.0, early = 0.0005, jitter = 0.010;
-static double cpu_hold_from, cpu_hold_to; /* process CPU time when the hold began and ended */
+static double hold_cpu[2], hold_wall[2]; /* CPU, wall time when the loop saw the hold begin, end */
 static const char *out_path, *reg_head = "", *reg_tail = "";
 
 static double mono(void) {
@@ -411,11 +412,10 @@ static void run(int tfd) {
     int next_start = 0;
     for (;;) {
         double now = mono();
-        if (!cpu_hold_to && now >= hold_from) {
-            if (!cpu_hold_from)
-                cpu_hold_from = cpu_now();
-            else if (now >= stop_at)
-                cpu_hold_to = cpu_now();
+        if (!hold_wall[1] && now >= hold_from) {
+            int i = hold_wall[0] ? 1 : 0;
+            if (i == 0 || now >= stop_at)
+                hold_cpu[i] = cpu_now(), hold_wall[i] = now;
         }
         if (now >= end || (now >= stop_at && all_echoed()))
             break;
@@ -542,8 +542,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     printf("cpu %.6f\nwall %.6f\nblocked %ld\n", cpu1 - cpu0, wall, blocked);
-    printf("cpu_hold %.6f\n",
-           (cpu_hold_to ? cpu_hold_to : cpu1) - (cpu_hold_from ? cpu_hold_from : cpu1));
+    printf("hold_share %.6f\n", hold_wall[1] > hold_wall[0] && hold_wall[0]
+           ? (hold_cpu[1] - hold_cpu[0]) / (hold_wall[1] - hold_wall[0]) : NAN);
     for (int i = 0; i < ncalls; i++)
         if (calls[i].state == FAILED)
             printf("fail %d %s\n", i, calls[i].error);
