@@ -445,9 +445,15 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
     wall0 = time.monotonic()
     end = plan.stop_at + plan.drain
     next_start = 0
+    hold_from = hold_to = None  # (process time, wall time) when the loop saw the hold begin, end
     try:
         while True:
             now = time.monotonic()
+            if hold_to is None and now >= plan.hold_from:
+                if hold_from is None:
+                    hold_from = (time.process_time(), now)
+                elif now >= plan.stop_at:
+                    hold_to = (time.process_time(), now)
             if now >= end or (now >= plan.stop_at and _all_echoed(calls)):
                 break
             while next_start < len(calls) and calls[next_start].start <= now:
@@ -494,8 +500,16 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
         lag,
         blocked,
         cpu_seconds=cpu1 - cpu0,
+        hold_share=_share(hold_from, hold_to),
         wall_seconds=time.monotonic() - wall0,
     )
+
+
+def _share(start: tuple[float, float] | None, end: tuple[float, float] | None) -> float:
+    """CPU time over wall time between two (process time, wall time) samples; NaN without both."""
+    if start is None or end is None or end[1] <= start[1]:
+        return math.nan
+    return (end[0] - start[0]) / (end[1] - start[1])
 
 
 def _all_echoed(calls: list[_Call]) -> bool:
@@ -537,12 +551,14 @@ def worker_results(
     blocked: int,
     *,
     cpu_seconds: float,
+    hold_share: float,
     wall_seconds: float,
 ) -> dict[str, Any]:
     """A client process's raw results (see `bench.load.summarize`), whichever client ran it.
 
     ``outcomes``: per call, its tracker, why it failed (None if it did not) and when its set-up
-    began; the arrays are the ones its trackers filled; CPU and wall time are the loop's.
+    began; the arrays are the ones its trackers filled; CPU and wall time are the loop's, and
+    ``hold_share`` the share of a core it used over the hold window (NaN if it never saw it).
     """
     errors: dict[str, int] = {}
     setup: list[float] = []
@@ -575,5 +591,6 @@ def worker_results(
         "lag": lag,
         "blocked_writes": blocked,
         "cpu_seconds": cpu_seconds,
+        "hold_share": hold_share,
         "wall_seconds": wall_seconds,
     }

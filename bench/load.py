@@ -188,6 +188,7 @@ def summarize(
         "client_processes": len(results),
         "client_cpu_seconds": round(client_cpu, 3),
         "client_cpu_core_percent": round(100 * client_cpu / client_wall, 1),
+        "client_cpu_hold_core_percent": round(100 * sum(r["hold_share"] for r in results), 1),
         "client_send_lag_ms": spread_ms(merge(r["lag"] for r in results), 99, 100),
         "client_blocked_writes": sum(r["blocked_writes"] for r in results),
         "host_timer_noise_ms": {},

@@ -230,6 +230,7 @@ ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("server RSS MB/call", ("server_rss_per_call_mb",), "{:.4f}"),
     ("client", ("client",), "{}"),
     ("client CPU % core", ("client_cpu_core_percent",), "{:.1f}"),
+    ("client CPU % core, hold", ("client_cpu_hold_core_percent",), "{:.1f}"),
     ("client send lag p99 ms", ("client_send_lag_ms", "p99"), "{:.3f}"),
     ("host timer noise p99 ms", ("host_timer_noise_ms", "p99"), "{:.3f}"),
     ("quality bar", ("meets_bar",), "{}"),

@@ -462,6 +462,7 @@ LOAD_METRICS = {
     "client",
     "client_cpu_seconds",
     "client_cpu_core_percent",
+    "client_cpu_hold_core_percent",
     "client_send_lag_ms",
     "host_timer_noise_ms",
     "meets_bar",
@@ -503,6 +504,7 @@ def _check_load(m: dict, calls: int, daemon: bool) -> None:
     assert m["echo_latency_ms"]["p50"] > 0
     assert m["server_rss_mb"] > 0
     assert m["client_cpu_seconds"] > 0
+    assert isinstance(m["client_cpu_hold_core_percent"], float)  # not null: the hold was seen
     assert set(m["host_timer_noise_ms"]) == {"p50", "p99", "max"}
     assert set(m["client_send_lag_ms"]) == {"p99", "max"}
     assert all(isinstance(v, float) for v in m["client_send_lag_ms"].values())

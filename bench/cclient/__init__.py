@@ -105,6 +105,7 @@ def _argv(plan: WorkerPlan, out: Path) -> list[str]:
         "as_port": plan.as_port,
         "http_port": plan.http_port or 0,
         "first_index": plan.first_index,
+        "hold_from": repr(plan.hold_from),
         "stop_at": repr(plan.stop_at),
         "drain": plan.drain,
         "early": EARLY,
@@ -181,5 +182,6 @@ def _results(plan: WorkerPlan, summary: str, records: Path) -> dict[str, Any]:
         lag,
         int(stats["blocked"]),
         cpu_seconds=stats["cpu"],
+        hold_share=stats["hold_share"],
         wall_seconds=stats["wall"],
     )

@@ -11,12 +11,14 @@
  *
  * Input: name=value arguments (see main); on stdin the 50 tone bodies (316 bytes each, frame
  * seq uses body seq % 50) and then each call's start (doubles, CLOCK_MONOTONIC s, ascending).
- * Output: `struct rec`s to the file out=PATH; on stdout "cpu S", "wall S", "blocked N" and one
- * "fail CALL REASON" per failed call.  `asload identify` reads the bodies, then (u16 length,
- * payload) pairs, and prints each payload's identity: bench/frames.py `identify`, for tests.
+ * Output: `struct rec`s to the file out=PATH; on stdout "cpu S", "hold_share F" (CPU over wall
+ * time in the hold window), "wall S", "blocked N" and one "fail CALL REASON" per failed call.
+ * `asload identify` reads the bodies, then (u16 length, payload) pairs, and prints each
+ * payload's identity: bench/frames.py `identify`, for tests.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
@@ -69,7 +71,8 @@ static long blocked;
 static uint64_t rng;
 /* the plan */
 static int as_port, http_port, first_index, pattern = PACED, burst = 5;
-static double stop_at, drain = 2.0, early = 0.0005, jitter = 0.010;
+static double hold_from, stop_at, drain = 2.0, early = 0.0005, jitter = 0.010;
+static double hold_cpu[2], hold_wall[2]; /* CPU, wall time when the loop saw the hold begin, end */
 static const char *out_path, *reg_head = "", *reg_tail = "";
 
 static double mono(void) {
@@ -409,6 +412,11 @@ static void run(int tfd) {
     int next_start = 0;
     for (;;) {
         double now = mono();
+        if (!hold_wall[1] && now >= hold_from) {
+            int i = hold_wall[0] ? 1 : 0;
+            if (i == 0 || now >= stop_at)
+                hold_cpu[i] = cpu_now(), hold_wall[i] = now;
+        }
         if (now >= end || (now >= stop_at && all_echoed()))
             break;
         while (next_start < ncalls && calls[next_start].start <= now)
@@ -427,7 +435,8 @@ static void run(int tfd) {
         if (next_start < ncalls && calls[next_start].start < wake)
             wake = calls[next_start].start;
         if (wake != armed) { /* one-shot, absolute; a time already past fires at once */
-            struct itimerspec it = {.it_value = {(time_t)wake, (long)((wake - (time_t)wake) * 1e9)}};
+            time_t sec = (time_t)wake;
+            struct itimerspec it = {.it_value = {sec, (long)((wake - sec) * 1e9)}};
             timerfd_settime(tfd, TFD_TIMER_ABSTIME, &it, NULL);
             armed = wake;
         }
@@ -484,7 +493,8 @@ int main(int argc, char **argv) {
 #define ARG(name, conv) else if (!strcmp(argv[i], #name)) name = conv(v)
         if (0) {}
         ARG(as_port, atoi); ARG(http_port, atoi); ARG(first_index, atoi); ARG(burst, atoi);
-        ARG(stop_at, atof); ARG(drain, atof); ARG(early, atof); ARG(jitter, atof);
+        ARG(hold_from, atof); ARG(stop_at, atof); ARG(drain, atof); ARG(early, atof);
+        ARG(jitter, atof);
         ARG(out_path, (const char *)); ARG(reg_head, (const char *)); ARG(reg_tail, (const char *));
         else if (!strcmp(argv[i], "seed")) rng = strtoull(v, NULL, 10);
         else if (!strcmp(argv[i], "pattern"))
@@ -525,13 +535,15 @@ int main(int argc, char **argv) {
         else if (c->state != DONE && c->state != FAILED)
             fail(c, "not set up before the end");
     }
-    double cpu = cpu_now() - cpu0, wall = mono() - wall0;
+    double cpu1 = cpu_now(), wall = mono() - wall0;
     FILE *out = fopen(out_path, "wb");
     if (!out || fwrite(recs, sizeof *recs, nrecs, out) != nrecs || fclose(out)) {
         perror(out_path);
         return 1;
     }
-    printf("cpu %.6f\nwall %.6f\nblocked %ld\n", cpu, wall, blocked);
+    printf("cpu %.6f\nwall %.6f\nblocked %ld\n", cpu1 - cpu0, wall, blocked);
+    printf("hold_share %.6f\n", hold_wall[1] > hold_wall[0] && hold_wall[0]
+           ? (hold_cpu[1] - hold_cpu[0]) / (hold_wall[1] - hold_wall[0]) : NAN);
     for (int i = 0; i < ncalls; i++)
         if (calls[i].state == FAILED)
             printf("fail %d %s\n", i, calls[i].error);
