@@ -94,6 +94,10 @@ class CallContext:
 
 #: Seconds a call's record stays readable after it was last written.
 CALL_RECORD_TTL = 3600.0
+#: In the memory store, seconds an ended call's record stays when no transfer is on it: nothing
+#: but ``GET`` of an ended call reads it, and an hour of them at a few hundred calls a minute
+#: would hold megabytes in the daemon.  (Redis keeps every record for ``CALL_RECORD_TTL``.)
+ENDED_RECORD_TTL = 600.0
 
 
 @implementer(IContextStore)
@@ -102,7 +106,9 @@ class MemoryContextStore:
 
     Expired and claimed ids are remembered for ``tombstone_ttl`` seconds so that a refusal
     can say *why* (expired, reused) rather than just "unknown".  Call records are kept for
-    their TTL, at most ``max_records`` of them (the least recently written go first).
+    their TTL (``ENDED_RECORD_TTL`` at most once the call ended without a transfer), at most
+    ``max_records`` of them (the least recently written go first), each as compact JSON: a
+    third of a dict's memory.
     """
 
     def __init__(
@@ -115,7 +121,7 @@ class MemoryContextStore:
         self._max_records = max_records
         self._live: dict[str, tuple[CallContext, IDelayedCall]] = {}
         self._tombstones: ExpiringMap[type[ContextError]] = ExpiringMap(clock, tombstone_ttl)
-        self._records: ExpiringMap[dict[str, str]] = ExpiringMap(clock, CALL_RECORD_TTL)
+        self._records: ExpiringMap[str] = ExpiringMap(clock, CALL_RECORD_TTL)
         self._listeners: dict[str, Callable[[str], None]] = {}
 
     def __len__(self) -> int:
@@ -153,22 +159,24 @@ class MemoryContextStore:
     def update_call(
         self, context_id: str, fields: Mapping[str, str], ttl: float
     ) -> defer.Deferred[None]:
-        record = self._records.get(context_id) or {}
+        record = self._record(context_id)
         record.update(fields)
-        self._records.set(context_id, record, ttl)
+        if "ended" in record and "transfer" not in record:
+            ttl = min(ttl, ENDED_RECORD_TTL)
+        self._records.set(context_id, _compact(record), ttl)
         while len(self._records) > self._max_records:
             self._records.pop_oldest()
         return defer.succeed(None)
 
     def load_call(self, context_id: str) -> defer.Deferred[dict[str, str]]:
-        record = self._records.get(context_id)
-        return defer.succeed(dict(record) if record else {})
+        return defer.succeed(self._record(context_id))
 
     def claim_call_field(self, context_id: str, field: str, value: str) -> defer.Deferred[bool]:
-        record = self._records.get(context_id)
-        if record is None or field in record:
+        record = self._record(context_id)
+        if not record or field in record:
             return defer.succeed(False)
         record[field] = value
+        self._records.replace(context_id, _compact(record))
         return defer.succeed(True)
 
     def publish(self, channel: str, message: str) -> defer.Deferred[int]:
@@ -189,9 +197,17 @@ class MemoryContextStore:
         self._tombstones.clear()
         self._records.clear()
 
+    def _record(self, context_id: str) -> dict[str, str]:
+        text = self._records.get(context_id)
+        return json.loads(text) if text else {}
+
     def _expire(self, context_id: str) -> None:
         del self._live[context_id]
         self._bury(context_id, ContextExpired)
 
     def _bury(self, context_id: str, why: type[ContextError]) -> None:
         self._tombstones.set(context_id, why)
+
+
+def _compact(record: dict[str, str]) -> str:
+    return json.dumps(record, separators=(",", ":"))

@@ -54,6 +54,11 @@ class ExpiringMap(Generic[V]):
         elif expires < self._timer.getTime():
             self._timer.reset(expires - self._clock.seconds())
 
+    def replace(self, key: str, value: V) -> None:
+        """Change the value of an entry that is there, keeping its deadline and its place."""
+        expires, _ = self._entries[key]
+        self._entries[key] = (expires, value)
+
     def pop(self, key: str) -> V | None:
         entry = self._entries.pop(key, None)
         return entry[1] if entry is not None else None

@@ -8,7 +8,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from rapida_tap.contexts import ContextStoreUnavailable, MemoryContextStore, new_context_id
+from rapida_tap.contexts import (
+    ENDED_RECORD_TTL,
+    ContextStoreUnavailable,
+    MemoryContextStore,
+    new_context_id,
+)
 from rapida_tap.redis_store import RedisContextStore
 from tests.redis_server import RedisServer
 from tests.support import wait_until
@@ -44,6 +49,31 @@ class MemoryRecordTests(SynchronousTestCase):
         kept = [cid for cid in ids if self.successResultOf(store.load_call(cid))]
         self.assertEqual(kept, [ids[0], ids[2], ids[3]])
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # one timer for them all
+
+    def test_an_ended_call_without_a_transfer_is_kept_ten_minutes(self) -> None:
+        plain, transferred, live = (new_context_id() for _ in range(3))
+        for cid in (plain, transferred, live):
+            self.store.update_call(cid, {"node": "a", "started": "1.0"}, 3600)
+        self.store.update_call(transferred, {"transfer": "SIP/2001"}, 3600)
+        for cid in (plain, transferred):
+            self.store.update_call(cid, {"ended": "2.0", "reason": "hangup"}, 3600)
+        self.clock.advance(ENDED_RECORD_TTL - 1)
+        self.assertEqual(self.successResultOf(self.store.load_call(plain))["reason"], "hangup")
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(self.store.load_call(plain)), {})
+        self.clock.advance(3600 - ENDED_RECORD_TTL - 1)
+        for cid in (transferred, live):
+            self.assertEqual(self.successResultOf(self.store.load_call(cid))["node"], "a")
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(self.store.load_call(live)), {})
+
+    def test_a_claimed_field_keeps_the_records_deadline(self) -> None:
+        cid = new_context_id()
+        self.store.update_call(cid, {"node": "a"}, 10)
+        self.clock.advance(6)
+        self.assertTrue(self.successResultOf(self.store.claim_call_field(cid, "f", "1")))
+        self.clock.advance(4)
+        self.assertEqual(self.successResultOf(self.store.load_call(cid)), {})
 
     def test_a_field_is_claimed_once_and_only_on_a_record(self) -> None:
         cid = new_context_id()

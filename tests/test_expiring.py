@@ -62,3 +62,15 @@ def test_pop_oldest_and_clear() -> None:
     clock.advance(20)  # stale deadlines of removed keys are harmless
     m.set("d", 1)
     assert m.get("d") == 1
+
+
+def test_replace_keeps_the_deadline_and_the_place() -> None:
+    clock = Clock()
+    m: ExpiringMap[int] = ExpiringMap(clock, ttl=10)
+    m.set("a", 1)
+    m.set("b", 1)
+    clock.advance(6)
+    m.replace("a", 2)
+    assert list(m) == ["a", "b"] and m.get("a") == 2
+    clock.advance(4)
+    assert "a" not in m and "b" not in m
