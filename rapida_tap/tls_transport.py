@@ -10,6 +10,8 @@ This subclass keeps Twisted's code for everything that is not that plain case (h
 shutdown, alerts, partial records, flow control) and adds two shortcuts:
 
 * in: the read loop stops when OpenSSL holds nothing more, instead of on the exception;
+* both ways: each record crosses into OpenSSL once, without pyOpenSSL's per-call buffers
+  (``internals.tls_*``);
 * out: ``write_now`` encrypts a frame at once and returns the record, for ``FrameWriter`` to
   send straight to the socket when nothing waits in front of it.
 """
@@ -33,11 +35,18 @@ RECORD_SIZE = 16384
 class MediaTLSTransport(BufferingTLSTransport):
     """A server-side TLS connection that carries a call well (see the module docstring)."""
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._handshakeDone and not self._appSendBuffer:
+            internals.tls_feed(self._tlsConnection, data)
+            self._flushReceiveBIO()
+        else:
+            super().dataReceived(data)
+
     def _flushReceiveBIO(self) -> None:
         conn = self._tlsConnection
         while not self._lostTLSConnection and internals.tls_unread(conn):
             try:
-                data = conn.recv(READ_SIZE)
+                data = internals.tls_recv(conn, READ_SIZE)
             except SSL.Error:
                 break  # a partial record, close_notify or an alert: Twisted's loop below
             if not self._aborted:
@@ -62,8 +71,10 @@ class MediaTLSTransport(BufferingTLSTransport):
         conn = self._tlsConnection
         sent = 0
         try:
+            if 0 < len(data) <= RECORD_SIZE:  # a frame: one record
+                sent = internals.tls_send(conn, data)
             while sent < len(data):
-                sent += conn.send(data[sent : sent + RECORD_SIZE])
+                sent += internals.tls_send(conn, data[sent : sent + RECORD_SIZE])
         except SSL.Error:
             self._flushSendBIO()  # what was encrypted goes first, through TCP's buffer
             TLSMemoryBIOProtocol.write(self, data[sent:])  # sees the same error, handles it

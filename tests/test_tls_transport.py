@@ -19,7 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from rapida_tap import tls
+from rapida_tap import internals, tls
 from rapida_tap.tls_transport import MediaTLSFactory, MediaTLSTransport
 from tests.certs import make_cert
 
@@ -210,3 +210,51 @@ def test_records_cut_anywhere_arrive_whole_and_in_order(
     for start, end in zip([0, *points], [*points, len(data)], strict=True):
         pair.server.dataReceived(data[start:end])
     assert b"".join(pair.app.received) == before + b"".join(messages)
+
+
+# -- the direct OpenSSL calls raise and return exactly what pyOpenSSL's methods would --------
+
+
+def test_tls_recv_returns_a_copy_and_raises_as_recv_does(pair: Pair) -> None:
+    conn = pair.server._tlsConnection
+    with pytest.raises(SSL.WantReadError):
+        internals.tls_recv(conn, 4096)
+    internals.tls_feed(conn, pair.records(b"first", b"second"))
+    first = internals.tls_recv(conn, 4096)
+    second = internals.tls_recv(conn, 3)  # at most what was asked, the rest stays
+    assert (first, second, internals.tls_recv(conn, 4096)) == (b"first", b"sec", b"ond")
+    pair.client.shutdown()
+    internals.tls_feed(conn, pair.take_client())
+    with pytest.raises(SSL.ZeroReturnError):
+        internals.tls_recv(conn, 4096)
+
+
+def test_tls_recv_raises_on_a_corrupt_record_as_recv_does(pair: Pair) -> None:
+    data = bytearray(pair.records(b"z" * 166))
+    data[-1] ^= 0xFF
+    internals.tls_feed(pair.server._tlsConnection, bytes(data))
+    with pytest.raises(SSL.Error, match="bad record mac"):
+        internals.tls_recv(pair.server._tlsConnection, 4096)
+
+
+def test_tls_send_and_take_unsent_give_records_the_client_reads(pair: Pair) -> None:
+    conn = pair.server._tlsConnection
+    assert internals.tls_take_unsent(conn) == b""
+    big = bytes(range(256)) * 64 * 3  # 48 KiB: more records than the shared buffer holds
+    for message in (b"frame", big):
+        sent = 0
+        while sent < len(message):
+            sent += internals.tls_send(conn, message[sent : sent + 16384])
+        records = internals.tls_take_unsent(conn)
+        assert internals.tls_unsent(conn) == 0
+        pair.wire.write(records)
+        assert pair.client_reads() == message
+
+
+def test_tls_send_raises_as_send_does_once_the_connection_is_shut(pair: Pair) -> None:
+    conn = pair.server._tlsConnection
+    conn.shutdown()
+    with pytest.raises(SSL.Error):
+        internals.tls_send(conn, b"late")
+    with pytest.raises(SSL.Error):
+        conn.send(b"late")
