@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rapida_tap.websocket.framing import read_media_frame, unmask
+from rapida_tap.websocket.framing import binary_frame, read_media_frame, unmask
 from tests import fake_chan_websocket as fc
 
 LIMIT = 65536
@@ -90,3 +90,10 @@ def test_arbitrary_bytes_give_a_frame_inside_the_data_or_none(data: bytes, limit
         assert data[0] == 0x82 and data[1] & 0x80
         assert len(payload) <= limit and 6 <= end <= len(data)
         assert end - len(payload) in (6, 8)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 159, 160, 161, 640, 65535, 65536])
+def test_our_binary_frames_decode_to_their_payload(size: int) -> None:
+    payload = os.urandom(size)
+    decoder = fc.FrameDecoder()
+    assert decoder.feed(binary_frame(payload)) == [(fc.BINARY, payload)]

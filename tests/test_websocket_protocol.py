@@ -25,6 +25,7 @@ from rapida_tap.media.codec import ulaw_to_pcm
 from rapida_tap.media.lifecycle import Phase
 from rapida_tap.media.listener import LegListener
 from rapida_tap.websocket.factory import MediaWebSocketFactory
+from rapida_tap.websocket.framing import unmask
 from rapida_tap.websocket.handshake import BadContextId, context_id_from
 from rapida_tap.websocket.protocol import XON_BURST, MediaWebSocketProtocol
 from tests import fake_chan_websocket as fc
@@ -294,6 +295,42 @@ def test_whole_binary_frames_skip_autobahns_message_path(monkeypatch: pytest.Mon
     leg.send(fc.TEXT, '{"event":"DTMF_END","channel_id":"1","digit":"#"}')
     assert len(leg.session.audio) == 5
     assert seen == [False]  # only the text message went through Autobahn
+
+
+def test_a_read_shaped_like_a_frame_inside_a_frame_autobahn_holds_stays_autobahns() -> None:
+    leg = Leg()
+    leg.start()
+    audio = bytes(range(160))
+    leg.send(fc.BINARY, audio)  # the media path learns this shape: 168 bytes, 82 fe 00 a0
+    shape = fc.encode_frame(fc.BINARY, audio)[:4]
+    frame = bytearray(fc.encode_frame(fc.BINARY, bytes(300)))  # one 300-byte message
+    frame[100:104] = shape  # from byte 100 its next 168 bytes look like that shape
+    frame = bytes(frame)
+    leg.proto.dataReceived(frame[:100])  # partial: Autobahn holds it
+    leg.proto.dataReceived(frame[100:268])
+    leg.proto.dataReceived(frame[268:])
+    payload = unmask(frame[8:], frame[4:8])
+    assert leg.session.audio == [ulaw_to_pcm(audio), ulaw_to_pcm(payload)]
+    assert leg.proto.call is not None
+
+
+def test_one_whole_frame_a_read_takes_the_shortest_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    leg = Leg()
+    leg.start()
+    taken: list[int] = []
+    original = MediaWebSocketProtocol._media_frames
+
+    def counting(self: MediaWebSocketProtocol, data: bytes) -> int:
+        taken.append(len(data))
+        return original(self, data)
+
+    monkeypatch.setattr(MediaWebSocketProtocol, "_media_frames", counting)
+    for _ in range(5):
+        leg.send(fc.BINARY, FRAME)
+    leg.send(fc.BINARY, FRAME[:80])  # another shape: the frame parser again, and it is learnt
+    leg.send(fc.BINARY, FRAME[:80])
+    assert taken == [len(FRAME) + 8, 86]
+    assert len(leg.session.audio) == 7
 
 
 def test_a_bad_frame_among_good_ones_ends_the_call_and_nothing_after_it_plays() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 ULAW_SILENCE = 0xFF
 _FINAL_BINARY = 0x82  # FIN, no RSV bits, opcode 2
 _MASKED = 0x80
+_HEAD_160 = b"\x82\x7e\x00\xa0"
 
 
 def read_media_frame(data: bytes, start: int, max_payload: int) -> tuple[bytes, int] | None:
@@ -59,6 +60,8 @@ def unmask(payload: bytes, key: bytes) -> bytes:
 def binary_frame(payload: bytes) -> bytes:
     """One unfragmented, unmasked binary WebSocket frame (what a server sends)."""
     size = len(payload)
+    if size == 160:
+        return _HEAD_160 + payload  # μ-law at 8 kHz: nearly every frame
     if size < 126:
         header = bytes((0x82, size))
     elif size < 65536:

@@ -48,7 +48,7 @@ from rapida_tap.reasons import EndReason, Refusal
 from rapida_tap.websocket import commands, control
 from rapida_tap.websocket.control import ControlError, ControlFormat
 from rapida_tap.websocket.formats import MediaFormat, chain, default_frame_size
-from rapida_tap.websocket.framing import MediaFramer, binary_frame, read_media_frame
+from rapida_tap.websocket.framing import MediaFramer, binary_frame, read_media_frame, unmask
 from rapida_tap.websocket.handshake import (
     SUBPROTOCOL,
     HandshakeRefused,
@@ -94,6 +94,11 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         self._mark_seq = 0
         self._unread = 0  # bytes written while the peer does not read
         self._writer: FrameWriter | None = None  # once open
+        # The last whole media frame's length and its bytes before the masking key: a read of
+        # exactly that shape is one more such frame (see ``dataReceived``).
+        self._media_size = -1
+        self._media_head = b""
+        self._autobahn_holds = True  # Autobahn holds part of a frame or message (or may)
 
     @property
     def call(self) -> Call | None:
@@ -190,39 +195,67 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     # -- messages from Asterisk -----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        # Autobahn's own first formats the fields of a debug line, for every read.
+        """One read: most often exactly one frame of the call's audio, the same shape as the
+        last (same length, same bytes before the masking key), which goes to the call here."""
+        # (Autobahn's own dataReceived first formats the fields of a debug line, every read.)
+        inbound = self._inbound
+        if (
+            len(data) == self._media_size
+            and inbound is not None
+            and not self._autobahn_holds
+            and self.state == self.STATE_OPEN
+            and data.startswith(self._media_head)
+        ):
+            lifecycle = self._lifecycle()
+            call = lifecycle.call
+            if call is not None:
+                lifecycle.heard()
+                key_at = len(self._media_head)
+                body = key_at + 4
+                try:
+                    call.audio_received(inbound(unmask(data[body:], data[key_at:body])))
+                except Exception:
+                    lifecycle.failed("handling a chan_websocket message failed")
+                return
         self._dataReceived(data)
 
     def _dataReceived(self, data: bytes) -> None:
         """Whole binary frames between messages take the media path; the rest is Autobahn's.
 
         A frame Autobahn has begun (a partial one, a fragmented message) stays Autobahn's to
-        the end, so the two parsers never share a frame.
+        the end, so the two parsers never share a frame.  Autobahn's parser moves only here,
+        so whether it holds anything is looked at once after it ran.
         """
-        if self.state == self.STATE_OPEN and internals.websocket_between_frames(self):
+        if self.state == self.STATE_OPEN and not self._autobahn_holds:
             taken = self._media_frames(data)
             if taken == len(data):
                 return
             data = data[taken:]
         super()._dataReceived(data)
+        self._autobahn_holds = not internals.websocket_between_frames(self)
 
     def _media_frames(self, data: bytes) -> int:
         """Hand the whole binary frames at the start of ``data`` to the call; how far it got."""
         lifecycle = self._lifecycle()
         limit = self.factory.max_message
+        end = len(data)
         offset = 0
         try:
-            while self.state == self.STATE_OPEN:  # a frame may end the session
+            while offset < end and self.state == self.STATE_OPEN:  # a frame may end the session
                 frame = read_media_frame(data, offset, limit)
                 if frame is None:
                     break
                 if not offset:
                     lifecycle.heard()
-                payload, offset = frame
+                payload, stop = frame
                 self._audio(lifecycle, payload)
+                if not offset and stop == end and self._inbound is not None:
+                    self._media_size = end
+                    self._media_head = data[: end - len(payload) - 4]
+                offset = stop
         except Exception:
             lifecycle.failed("handling a chan_websocket message failed")
-            return len(data)
+            return end
         return offset
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -339,6 +372,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
         fmt = self.media_format
         assert fmt is not None, "a call starts only after MEDIA_START"
         match = RateMatch(fmt.rate, call.caller_rate_is(fmt.rate))
+        self._media_size = -1  # a frame is learnt again in this format
         self._inbound = chain(fmt.to_pcm, match.to_call)
         self._outbound = chain(match.to_wire, fmt.from_pcm)
         return self._inbound
@@ -346,7 +380,8 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
     # -- ICallLeg: the pacer and the call drive these -------------------------------------
 
     def send_audio(self, frame: bytes) -> bool:
-        if not self._lifecycle().writable:
+        lifecycle = self.lifecycle
+        if lifecycle is None or not lifecycle.writable:
             return False
         if self._inbound is None:
             call = self.call
@@ -354,7 +389,11 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
                 self._convert_for(call)
         data = self._framer.push(self._outbound(frame))
         if data:
-            self._send_binary(data)
+            writer = self._writer
+            if writer is not None and internals.websocket_open_and_idle(self):
+                writer.write(binary_frame(data))  # the hot path, as ``_send_binary``
+            else:
+                self._send_binary(data)
         return True
 
     def send_silence(self) -> None:
