@@ -39,7 +39,6 @@ from rapida_tap.metrics import EventMetrics, ListenerCollector, NodeCollector, N
 from rapida_tap.outbound import OutboundCalls
 from rapida_tap.providers import parse_providers
 from rapida_tap.ratelimit import RateLimiter
-from rapida_tap.redis_store import RedisContextStore
 from rapida_tap.redis_url import RedisURLError
 from rapida_tap.services import (
     BridgeService,
@@ -68,6 +67,8 @@ def make_context_store(settings: Settings, reactor: Any) -> IContextStore:
     """The memory store, or Redis for ``redis://`` (started and stopped by ``NodeService``)."""
     if settings.contexts == "memory":
         return MemoryContextStore(reactor)
+    from rapida_tap.redis_store import RedisContextStore  # txredisapi: only where it is used
+
     try:
         return RedisContextStore(reactor, settings.contexts)
     except RedisURLError as e:
@@ -165,8 +166,8 @@ class Daemon:
         self.health = HealthResource(self.bridge)
         self.health.checks["drain"] = self._drain_check
         store_healthy: Callable[[], bool] | None = None
-        if isinstance(self.contexts, RedisContextStore):
-            store = self.contexts
+        if not isinstance(self.contexts, MemoryContextStore):
+            store: Any = self.contexts  # Redis: its connection's health is the node's
             self.health.checks["contexts"] = lambda: (store.healthy, store.last_error)
             store_healthy = lambda: store.healthy  # noqa: E731
         self.root = PathTree()

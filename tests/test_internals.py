@@ -31,16 +31,24 @@ def test_direct_socket_only_for_plain_tcp() -> None:
     assert internals.direct_socket(StringTransport()) is None
 
 
-def test_an_8khz_node_does_not_load_numpy() -> None:
-    """numpy and soxr (about 12 MB) load with the first resampler or recording, not at start."""
+def test_a_node_on_its_defaults_loads_neither_numpy_nor_a_test_framework() -> None:
+    """numpy and soxr (about 12 MB) load with the first resampler or recording, not at start;
+    Twisted's test helpers (trial, unittest, doctest: 2 MB) never; the Redis client only for
+    Redis."""
     import subprocess
     import sys
 
-    code = "import sys, rapida_tap.node, rapida_tap.tap; print('numpy' in sys.modules)"
+    code = (
+        "import sys; from rapida_tap.tap import Options, makeService; o = Options(); "
+        "o.parseOptions(['--http', 'tcp:0:interface=127.0.0.1', "
+        "'--audiosocket', 'tcp:0:interface=127.0.0.1']); makeService(o); "
+        "print(sorted(m for m in ('numpy', 'doctest', 'unittest', 'twisted.trial', 'txredisapi') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
 
 
 # -- the epoll reactor's event dispatch ------------------------------------------------------

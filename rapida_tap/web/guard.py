@@ -30,9 +30,9 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -291,11 +291,50 @@ def _probe(site: GuardedSite, request: bytes) -> tuple[bytes, dict[str, int]]:
     probe.requestFactory = site.requestFactory
     probe.refusal_log = Logger(observer=_silent)
     channel = probe.buildProtocol(None)
-    transport = StringTransport()
+    transport = _ProbeTransport()
     channel.makeConnection(transport)
     channel.dataReceived(request)
     channel.connectionLost(Failure(ConnectionError("probe done")))
-    return transport.value(), probe.refused
+    return b"".join(transport.sent), probe.refused
+
+
+class _ProbeTransport:
+    """What an HTTP channel needs of a transport, in memory.  (Twisted's ``StringTransport``
+    lives in ``twisted.internet.testing``, which imports trial, unittest and doctest: 2 MB of
+    a node's memory for one probe at start-up.)"""
+
+    disconnecting = False
+    producer: Any = None
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.sent.extend(data)
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+    abortConnection = loseConnection
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 0)
+
+    getHost = getPeer
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def pauseProducing(self) -> None:
+        pass
+
+    resumeProducing = stopProducing = pauseProducing
 
 
 @implementer(ILogObserver)
