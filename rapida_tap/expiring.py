@@ -49,6 +49,8 @@ class ExpiringMap(Generic[V]):
         self._entries.pop(key, None)
         self._entries[key] = (expires, value)
         heapq.heappush(self._deadlines, (expires, key))
+        if len(self._deadlines) > 2 * len(self._entries) + 64:
+            self._compact()
         if self._timer is None:
             self._timer = self._clock.callLater(expires - self._clock.seconds(), self._expire)
         elif expires < self._timer.getTime():
@@ -74,6 +76,12 @@ class ExpiringMap(Generic[V]):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _compact(self) -> None:
+        """Forget the deadlines of entries set again or removed since (an entry set again with
+        a shorter TTL would otherwise leave its old deadline in the heap for the longer one)."""
+        self._deadlines = [(expires, key) for key, (expires, _) in self._entries.items()]
+        heapq.heapify(self._deadlines)
 
     def _expire(self) -> None:
         self._timer = None

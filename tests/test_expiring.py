@@ -74,3 +74,19 @@ def test_replace_keeps_the_deadline_and_the_place() -> None:
     assert list(m) == ["a", "b"] and m.get("a") == 2
     clock.advance(4)
     assert "a" not in m and "b" not in m
+
+
+def test_deadlines_of_entries_set_again_do_not_pile_up() -> None:
+    """Each entry set again with a shorter TTL (a call's record once the call ended) leaves its
+    first deadline behind; those are dropped once they outnumber the entries."""
+    clock = Clock()
+    m: ExpiringMap[int] = ExpiringMap(clock, ttl=3600)
+    for i in range(10_000):
+        m.set(f"k{i}", 0)
+        m.set(f"k{i}", 1, ttl=600)
+        clock.advance(0.36)  # 3600 s in all: the first ones are long gone
+    assert len(m) <= 1700
+    assert len(m._deadlines) <= 2 * len(m) + 64
+    assert m.get("k9999") == 1
+    clock.advance(600)
+    assert len(m) == 0
