@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import socket
+import struct
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import abstract, epollreactor, selectreactor
+from twisted.internet import abstract, epollreactor, selectreactor, tcp
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python import context, log
+from twisted.python.failure import Failure
 
 from rapida_tap import internals
 from tests.support import LogCapture
@@ -132,3 +137,103 @@ def test_other_reactors_are_left_alone() -> None:
     before = reactor.doIteration
     assert internals.dispatch_events_directly(reactor) is False
     assert reactor.doIteration == before
+
+
+class Echo(Protocol):
+    """Records what arrives; ``fail`` makes its next input raise."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.lost: Failure | None = None
+        self.fail = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("boom")
+        self.got.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = reason
+
+
+class Served:
+    """TCP connections accepted by a fresh epoll reactor (iterated by hand), each with the
+    plain client socket at the other end."""
+
+    def __init__(self) -> None:
+        self.reactor = epollreactor.EPollReactor()
+        assert internals.dispatch_events_directly(self.reactor)
+        self.protocols: list[Echo] = []
+        factory = Factory.forProtocol(self._build)
+        self.port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    def _build(self) -> Echo:
+        self.protocols.append(Echo())
+        return self.protocols[-1]
+
+    def connect(self) -> tuple[socket.socket, Echo]:
+        client = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        count = len(self.protocols)
+        self.until(lambda: len(self.protocols) > count)
+        return client, self.protocols[-1]
+
+    def until(self, done: Callable[[], bool]) -> None:
+        for _ in range(50):
+            if done():
+                return
+            self.reactor.doIteration(0.1)
+        raise AssertionError("the reactor never got there")
+
+    def close(self) -> None:
+        self.port.stopListening()
+        self.reactor.removeAll()
+        self.reactor._poller.close()
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    s = Served()
+    yield s
+    s.close()
+
+
+def test_tcp_input_reaches_the_protocol_and_a_close_ends_the_connection(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, proto = served.connect()
+    general: list[int] = []
+    monkeypatch.setattr(tcp.Server, "doRead", lambda self: general.append(1))
+    client.sendall(b"frame")
+    served.until(lambda: proto.got == [b"frame"])
+    client.close()
+    served.until(lambda: proto.lost is not None)
+    assert proto.lost is not None and proto.lost.check(ConnectionDone)
+    assert general == []  # read here, not through Connection.doRead
+
+
+def test_a_reset_connection_is_lost(served: Served) -> None:
+    client, proto = served.connect()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # RST
+    served.until(lambda: proto.lost is not None)
+    assert proto.lost is not None and proto.lost.check(ConnectionLost)
+
+
+def test_a_protocol_that_raises_is_dropped_with_a_log_line_and_others_go_on(
+    served: Served,
+) -> None:
+    (bad_client, bad), (good_client, good) = served.connect(), served.connect()
+    bad.fail = True
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
+    try:
+        bad_client.sendall(b"x")
+        good_client.sendall(b"y")
+        served.until(lambda: bad.lost is not None and good.got == [b"y"])
+    finally:
+        globalLogPublisher.removeObserver(logs)
+    assert "failed on its input" in logs.text()
+    assert [str(e["log_failure"].value) for e in logs.events] == ["boom"]
+    assert good.lost is None
+    bad_client.close()
+    good_client.close()
