@@ -888,7 +888,7 @@ def test_the_client_is_chosen_per_transport(monkeypatch: pytest.MonkeyPatch) -> 
     assert cclient.choose("auto", "wss") == "python"
     with pytest.raises(cclient.BuildFailed, match="libssl-dev"):
         cclient.choose("c", "wss")
-    assert "-DASLOAD_TLS" not in cclient.build_flags()
+    assert cclient.build_options() == (cclient.CFLAGS, ())
     # no gcc: Python everywhere
     monkeypatch.setattr(cclient, "available", lambda: False)
     assert cclient.choose("auto", "audiosocket") == "python"
@@ -900,7 +900,8 @@ def test_the_client_is_chosen_per_transport(monkeypatch: pytest.MonkeyPatch) -> 
 def test_the_tls_probe_matches_whether_openssl_headers_are_here() -> None:
     cclient.tls_available.cache_clear()
     assert cclient.tls_available() is Path("/usr/include/openssl/ssl.h").exists()
-    assert ("-DASLOAD_TLS" in cclient.build_flags()) is cclient.tls_available()
+    flags, libs = cclient.build_options()
+    assert ("-DASLOAD_TLS" in flags) is ("-lssl" in libs) is cclient.tls_available()
 
 
 def test_max_mode_prints_one_figure(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ code.  `run_worker` takes the Python client's `WorkerPlan` and returns the same 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -24,7 +25,6 @@ import subprocess
 import tempfile
 import time
 from array import array
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def available() -> bool:
     return shutil.which("gcc") is not None
 
 
-@cache
+@functools.cache
 def tls_available() -> bool:
     """Whether the C client can be built with OpenSSL here (a test-compile, once a process)."""
     if not available():
@@ -101,16 +101,17 @@ def choose(requested: str, transport: str) -> str:
     return requested
 
 
-def build_flags() -> tuple[str, ...]:
-    """gcc's flags for asload here: `CFLAGS`, and OpenSSL's where it can be built with it."""
-    return (*CFLAGS, *TLS_FLAGS) if tls_available() else CFLAGS
+def build_options() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """gcc's flags and libraries for asload here: OpenSSL's too where it can be built with it."""
+    if tls_available():
+        return (*CFLAGS, *TLS_FLAGS), TLS_LIBS
+    return CFLAGS, ()
 
 
 def binary() -> Path:
-    """The built client, compiled first if this source (and these flags) never was."""
+    """The built client, compiled first if this source (with these options) never was."""
     source = SOURCE.read_bytes()
-    flags = build_flags()
-    libs = TLS_LIBS if TLS_FLAGS[0] in flags else ()
+    flags, libs = build_options()
     digest = hashlib.sha256(source + " ".join((*flags, *libs)).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"rapida-bench-{os.getuid()}"
     target = cache / f"asload-{digest}"
