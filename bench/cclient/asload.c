@@ -216,13 +216,18 @@ static const char *tls_error(void) {
 static ssize_t out_bytes(struct call *c, const void *data, size_t len) {
 #ifdef ASLOAD_TLS
     if (c->tls) {
+        errno = 0;
         int n = SSL_write(c->tls, data, (int)len);
         if (n > 0)
             return n;
         int e = SSL_get_error(c->tls, n);
         if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ)
             return 0;
-        snprintf(c->error, sizeof c->error, "TLS: %s", tls_error());
+        if (e == SSL_ERROR_SYSCALL && errno)
+            snprintf(c->error, sizeof c->error, "send: %s", strerror(errno));
+        else
+            snprintf(c->error, sizeof c->error, "TLS: %s", tls_error());
+        ERR_clear_error();
         return -1;
     }
 #endif
