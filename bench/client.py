@@ -127,6 +127,11 @@ def registration_request(assistant: str, caller: str, api_key: str) -> bytes:
     ).encode("latin-1")
 
 
+def ws_path(ctx: str) -> str:
+    """The chan_websocket endpoint's path for context ``ctx`` (``v(ctx=…)`` in the dial string)."""
+    return f"/v1/talk/asterisk/ctx?ctx={ctx}"
+
+
 def parse_reply(data: bytes) -> tuple[int, bytes]:
     """``(status, body)`` of a whole HTTP/1.1 reply (the server closed after it); 0 if garbled."""
     head, _, body = data.partition(b"\r\n\r\n")
@@ -283,7 +288,7 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
             handshake(call)
         else:
             call.state = _WS_UPGRADE
-            write(call, ws.upgrade_request(f"/v1/talk/asterisk/ctx?ctx={call.ctx}", host))
+            write(call, ws.upgrade_request(ws_path(call.ctx), host))
 
     def handshake(call: _Call) -> bool:
         """Drive the TLS handshake; True once it is done (the upgrade is then sent)."""
@@ -298,7 +303,7 @@ def run_worker(plan: WorkerPlan) -> dict[str, Any]:
             return False
         flush_tls(call)
         call.state = _WS_UPGRADE
-        send(call, ws.upgrade_request(f"/v1/talk/asterisk/ctx?ctx={call.ctx}", host))
+        send(call, ws.upgrade_request(ws_path(call.ctx), host))
         return True
 
     def decrypt(call: _Call, data: bytes) -> bytes | None:

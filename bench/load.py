@@ -41,7 +41,7 @@ class LoadConfig:
     seed: int = 1
     noise_probe: float = 1.0  # seconds of host timer-noise probe before the run (0: none)
     transport: str = AUDIOSOCKET  # or websocket (ws://), wss (wss://)
-    client: str = cclient.AUTO  # c, python, or auto: c for AudioSocket when gcc is here
+    client: str = cclient.AUTO  # c, python, or auto: c when gcc (for wss: OpenSSL) is here
 
 
 def client_cores(server_core: int | None) -> list[int | None]:

@@ -21,6 +21,8 @@ TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = "Ave8SwAAAADK468gAAAAAA=="  # chan_websocket's half-zero Sec-WebSocket-Key, as captured
 MASK = b"\x5a\xc3\x17\xe9"  # the fixed masking key of every client frame
+ACCEPT = base64.b64encode(hashlib.sha1(KEY.encode("ascii") + _GUID).digest()).decode("ascii")
+"""The Sec-WebSocket-Accept that answers `KEY`."""
 _MAX_SERVER_FRAME = 1 << 20
 
 
@@ -51,8 +53,7 @@ def check_upgrade(head: bytes) -> None:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    expected = base64.b64encode(hashlib.sha1(KEY.encode("ascii") + _GUID).digest()).decode()
-    if headers.get("sec-websocket-accept") != expected:
+    if headers.get("sec-websocket-accept") != ACCEPT:
         raise HandshakeFailed("wrong Sec-WebSocket-Accept")
     if headers.get("sec-websocket-protocol") != "media":
         raise HandshakeFailed(f"subprotocol {headers.get('sec-websocket-protocol')!r}, not 'media'")

@@ -13,10 +13,14 @@ import hashlib
 import json
 import math
 import os
+import socket
+import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
+import uuid
 import warnings
 from array import array
 from collections.abc import Callable
@@ -27,12 +31,15 @@ import pytest
 
 from bench import cclient, frames, ws
 from bench.__main__ import parse
-from bench.client import WorkerPlan, parse_reply, registration_request, run_worker
-from bench.server import cpu_seconds, daemon_call_counts, free_port, rss_mb
+from bench.client import WorkerPlan, parse_reply, registration_request, run_worker, ws_path
+from bench.server import cpu_seconds, daemon_call_counts, free_port, lab_certificate, rss_mb
 from bench.stats import EchoTracker, format_table, meets_bar, percentile, spread_ms
 
 REPO = Path(__file__).resolve().parents[1]
 needs_gcc = pytest.mark.skipif(not cclient.available(), reason="the C client needs gcc")
+needs_tls = pytest.mark.skipif(
+    not cclient.tls_available(), reason="the C client's wss needs gcc and OpenSSL's headers"
+)
 
 # -- frames ------------------------------------------------------------------------------------
 
@@ -126,6 +133,30 @@ def test_ulaw_frames_survive_the_daemons_codec_and_identify_themselves(seq: int)
 )
 def test_identify_ulaw_rejects_what_we_did_not_send(data: bytes, expected: int) -> None:
     assert frames.identify_ulaw(data) == expected
+
+
+@needs_gcc
+def test_the_c_client_identifies_returned_ulaw_frames_as_frames_py_does() -> None:
+    p7 = frames.ulaw_payload(7)
+    seqs = (1, 2, 49, 50, 51, 127, 128, 16384, 12345678, 2**31 - 1)
+    payloads = [frames.ulaw_payload(seq) for seq in seqs]
+    payloads += [
+        frames.ULAW_SILENCE,
+        p7[:-1],
+        p7 + b"\xff",
+        p7[:50] + b"\x01" + p7[51:],
+        b"\x07" + p7[1:],
+        b"\x80" * 5 + p7[5:],
+        frames.ulaw_payload(8)[:5] + p7[5:],
+        b"\xff" * 5 + p7[5:],  # 2**35 - 1
+        b"\xff\xff\xff\xff\x88" + frames.ulaw_payload(3)[5:],  # 2**31 + 2**28 - 1
+        frames.ULAW_SILENCE[:-1] + b"\xfe",
+        frames.payload(7),  # a PCM frame is not a μ-law one
+    ]
+    expected = [frames.identify_ulaw(p) for p in payloads]
+    assert expected[: len(seqs)] == list(seqs)
+    assert expected.count(frames.IS_CORRUPT) == 10
+    assert cclient.identify(payloads, ulaw=True) == expected
 
 
 @pytest.mark.parametrize("seq", [0, 2**31])
@@ -527,17 +558,28 @@ def test_compare_runs_the_same_tiny_load_on_the_daemon_and_a_peer(tmp_path: Path
     assert stdout.splitlines()[1].split() == ["metric", "rapida", "peer"]
 
 
-@pytest.mark.parametrize("transport", ["websocket", "wss"])
-def test_a_tiny_websocket_load_loses_nothing(tmp_path: Path, transport: str) -> None:
+@pytest.mark.parametrize(
+    ("transport", "client"),
+    [
+        pytest.param("websocket", "c", marks=needs_gcc),
+        pytest.param("wss", "c", marks=needs_tls),
+        ("websocket", "python"),
+        ("wss", "python"),
+    ],
+)
+def test_a_tiny_websocket_load_loses_nothing_with_either_client(
+    tmp_path: Path, transport: str, client: str
+) -> None:
     stdout, result = _bench(
         tmp_path,
         *("run", "-n", "2", "--hold", "1", "--ramp", "50", "--workers", "2"),
         *("--core", "none", "--noise-probe", "0.2", "--transport", transport),
-        *("--daemon-src", str(REPO)),  # a before/after run names the checkout explicitly
+        *("--client", client, "--daemon-src", str(REPO)),  # before/after runs name a checkout
     )
     assert isinstance(result, dict)
     _check_load(result, 2, daemon=True)
     assert result["config"]["transport"] == transport
+    assert result["client"] == client
     assert result["silence_frames"] == 0  # the daemon sends nothing during silence
     assert f"2 calls, {transport}, paced" in stdout
 
@@ -587,13 +629,281 @@ def test_both_clients_count_failed_connections_with_a_reason(
     assert result["sent"] == result["lost"] == 0
 
 
-def test_the_c_client_is_for_audiosocket_only() -> None:
-    with pytest.raises(SystemExit):
-        parse(["run", "--transport", "websocket", "--client", "c"])
-    with pytest.raises(ValueError, match="AudioSocket only"):
+class _ScriptedDaemon:
+    """Registration over HTTP and a chan_websocket endpoint (TLS if ``tls_dir``), scripted.
+
+    Registration answers ``from=benchN`` with context id ``UUID(int=N)``.  The endpoint records
+    every byte each call sends (by context id), answers the upgrade, and then as ``script`` says:
+    ``echo`` sends a text message and a ping, then echoes each binary message (the 2nd and 3rd
+    together, in one message, as a server may); ``hangup`` / ``close`` / ``masked`` send a text
+    ``HANGUP`` / a close 1011 / a masked frame after the third frame; ``bad-accept`` answers the
+    upgrade with a wrong Sec-WebSocket-Accept; ``no-tls`` answers a plain HTTP 400 at once (to a
+    client that speaks TLS).  Frames are coded here from RFC 6455.
+    """
+
+    def __init__(self, script: str, tls_dir: Path | None = None) -> None:
+        self.script = script
+        self.tls = None
+        if tls_dir is not None:
+            key, cert = lab_certificate(tls_dir)
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(cert, key)
+        self.streams: dict[str, bytearray] = {}
+        self._threads: list[threading.Thread] = []
+        self.http_port, self._http = self._listen(self._register)
+        self.ws_port, self._ws = self._listen(self._call)
+
+    def close(self) -> None:
+        """Stop listening; wait for each connection to end (the client's last bytes are in)."""
+        self._http.close()
+        self._ws.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _listen(self, handle: Callable[[socket.socket], None]) -> tuple[int, socket.socket]:
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                thread = threading.Thread(target=self._serve, args=(handle, conn), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return listener.getsockname()[1], listener
+
+    @staticmethod
+    def _serve(handle: Callable[[socket.socket], None], conn: socket.socket) -> None:
+        with conn:
+            try:
+                handle(conn)
+            except OSError:  # the client drops TCP at its end, as Asterisk does
+                pass
+
+    @staticmethod
+    def _head(conn: socket.socket) -> tuple[bytes, bytes]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise ConnectionResetError
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        return head + b"\r\n\r\n", rest
+
+    def _register(self, conn: socket.socket) -> None:
+        head, _ = self._head(conn)
+        index = int(head.split(b"from=bench")[1].split(b" ")[0])
+        ctx = str(uuid.UUID(int=index)).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\n" + ctx)
+
+    def _call(self, conn: socket.socket) -> None:
+        if self.script == "no-tls":
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            while conn.recv(4096):
+                pass
+            return
+        if self.tls is not None:
+            conn = self.tls.wrap_socket(conn, server_side=True)
+        head, data = self._head(conn)
+        ctx = head.split(b"ctx=")[1].split(b" ")[0].decode()
+        stream = self.streams[ctx] = bytearray(head)
+        accept = "d3Jvbmc=" if self.script == "bad-accept" else ws.ACCEPT
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: media\r\n\r\n".encode()
+        )
+        if self.script == "echo":
+            conn.sendall(_server_frame(ws.TEXT, b'{"event":"STATUS"}'))
+            conn.sendall(_server_frame(ws.PING, b"p1"))
+        audio, held, pending = 0, b"", b""
+        while True:
+            stream += data
+            messages, pending = _client_frames(pending + data)
+            for opcode, payload in messages:
+                if opcode != ws.BINARY:
+                    continue
+                audio += 1
+                if audio == 3 and self.script == "hangup":
+                    conn.sendall(_server_frame(ws.TEXT, b'{"command":"HANGUP"}'))
+                elif audio == 3 and self.script == "close":
+                    conn.sendall(_server_frame(ws.CLOSE, b"\x03\xf3gone"))
+                elif audio == 3 and self.script == "masked":
+                    conn.sendall(bytes([0x82, 0x85]) + b"abcd" + b"12345")
+                elif audio == 2:
+                    held = payload
+                else:
+                    conn.sendall(_server_frame(ws.BINARY, held + payload))
+                    held = b""
+            data = conn.recv(65536)
+            if not data:
+                return
+
+
+def _client_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The whole client frames at the start of ``data`` (unmasked), and what is left."""
+    out = []
+    while len(data) >= 2:
+        n, head = data[1] & 0x7F, 2
+        if n == 126:
+            if len(data) < 4:
+                break
+            n, head = int.from_bytes(data[2:4], "big"), 4
+        if len(data) < head + 4 + n:
+            break
+        out.append(_unmask_client_frame(data[: head + 4 + n]))
+        data = data[head + 4 + n :]
+    return out, data
+
+
+def _raw_client_frames(data: bytes) -> list[bytes]:
+    """``data`` cut into whole client frames, as sent."""
+    out = []
+    while data:
+        n, head = data[1] & 0x7F, 2
+        if n == 126:
+            n, head = int.from_bytes(data[2:4], "big"), 4
+        out.append(data[: head + 4 + n])
+        data = data[head + 4 + n :]
+    return out
+
+
+_WORKERS = [
+    pytest.param(cclient.run_worker, marks=needs_gcc, id="c"),
+    pytest.param(run_worker, id="python"),
+]
+
+
+def _scripted_run(
+    worker: Callable[[WorkerPlan], dict[str, Any]],
+    daemon: _ScriptedDaemon,
+    transport: str,
+    drain: float = 1.0,
+) -> dict[str, Any]:
+    """Two calls of about a second (set-up included: this CPU may be shared) with ``worker``."""
+    if worker is cclient.run_worker:
+        cclient.binary()  # built before the calls' clock starts, as bench.load does
+    t0 = time.monotonic()
+    plan = WorkerPlan(
+        starts=(t0, t0 + 0.01),
+        first_index=5,
+        stop_at=t0 + 1.0,
+        hold_from=t0,
+        as_port=free_port(),  # not used on WebSocket
+        http_port=daemon.http_port,
+        transport=transport,
+        ws_port=daemon.ws_port,
+        drain=drain,
+    )
+    return worker(plan)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "wss"])
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_both_clients_send_chan_websockets_bytes_and_take_the_echo(
+    tmp_path: Path, worker: Callable[[WorkerPlan], dict[str, Any]], transport: str
+) -> None:
+    if worker is cclient.run_worker and transport == "wss" and not cclient.tls_available():
+        pytest.skip("the C client's wss needs OpenSSL's headers")
+    daemon = _ScriptedDaemon("echo", tmp_path if transport == "wss" else None)
+    try:
+        result = _scripted_run(worker, daemon, transport)
+    finally:
+        daemon.close()
+    assert (result["calls"], result["failed"]) == (2, 0), result["errors"]
+    audio_frames = 0
+    for index in (5, 6):
+        ctx = str(uuid.UUID(int=index))
+        stream = bytes(daemon.streams[ctx])
+        upgrade = ws.upgrade_request(ws_path(ctx), f"127.0.0.1:{daemon.ws_port}")
+        assert stream.startswith(upgrade)
+        sent = _raw_client_frames(stream[len(upgrade) :])
+        assert sent[0] == ws.media_start(ctx, index)
+        assert sent[-1] == ws.close_frame(1000)  # the hang-up, after every frame
+        assert sent.count(ws.client_frame(ws.PONG, b"p1")) == 1
+        audio = [f for f in sent if _unmask_client_frame(f)[0] == ws.BINARY]
+        assert audio == [ws.audio_frame(seq) for seq in range(1, len(audio) + 1)]
+        assert len(sent) == len(audio) + 3  # nothing else
+        audio_frames += len(audio)
+    assert result["sent"] == result["echoed"] == audio_frames > 10
+    assert result["lost"] == result["duplicated"] == result["corrupt"] == 0
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        ("hangup", "server sent HANGUP"),
+        ("close", "server closed the websocket: 1011 gone"),
+        ("masked", "bad frame from server: frame header 0x82 0x85"),
+        ("bad-accept", "websocket: wrong Sec-WebSocket-Accept"),
+    ],
+)
+@pytest.mark.parametrize("worker", _WORKERS)
+def test_both_clients_fail_a_websocket_call_alike(
+    worker: Callable[[WorkerPlan], dict[str, Any]], script: str, error: str
+) -> None:
+    daemon = _ScriptedDaemon(script)
+    try:
+        result = _scripted_run(worker, daemon, "websocket", drain=0.1)
+    finally:
+        daemon.close()
+    assert (result["calls"], result["failed"]) == (2, 2)
+    assert result["errors"] == {error: 2}
+
+
+@pytest.mark.parametrize(
+    "worker", [pytest.param(cclient.run_worker, marks=needs_tls, id="c"), run_worker]
+)
+def test_both_clients_fail_a_wss_call_whose_server_speaks_no_tls(
+    worker: Callable[[WorkerPlan], dict[str, Any]],
+) -> None:
+    daemon = _ScriptedDaemon("no-tls")
+    try:
+        result = _scripted_run(worker, daemon, "wss", drain=0.1)
+    finally:
+        daemon.close()
+    assert result["failed"] == 2
+    [(why, count)] = result["errors"].items()
+    assert count == 2
+    assert why.startswith("TLS: ") and "version number" in why.lower().replace("_", " "), why
+
+
+def test_the_client_is_chosen_per_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse(["run", "--transport", "websocket", "--client", "c"]).client == "c"
+    assert cclient.choose("python", "wss") == "python"
+    with pytest.raises(ValueError, match="client must be one of"):
+        cclient.choose("rust", "audiosocket")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        cclient.choose("c", "sip")
+    # gcc and OpenSSL here: C everywhere
+    monkeypatch.setattr(cclient, "available", lambda: True)
+    monkeypatch.setattr(cclient, "tls_available", lambda: True)
+    for transport in ("audiosocket", "websocket", "wss"):
+        assert cclient.choose("auto", transport) == cclient.choose("c", transport) == "c"
+    # gcc without OpenSSL's headers: C but for wss
+    monkeypatch.setattr(cclient, "tls_available", lambda: False)
+    assert cclient.choose("auto", "websocket") == "c"
+    assert cclient.choose("auto", "wss") == "python"
+    with pytest.raises(cclient.BuildFailed, match="libssl-dev"):
         cclient.choose("c", "wss")
-    assert cclient.choose("auto", "websocket") == "python"
-    assert cclient.choose("python", "audiosocket") == "python"
+    assert cclient.build_options() == (cclient.CFLAGS, ())
+    # no gcc: Python everywhere
+    monkeypatch.setattr(cclient, "available", lambda: False)
+    assert cclient.choose("auto", "audiosocket") == "python"
+    with pytest.raises(cclient.BuildFailed, match="gcc"):
+        cclient.choose("c", "websocket")
+
+
+@needs_gcc
+def test_the_tls_probe_matches_whether_openssl_headers_are_here() -> None:
+    cclient.tls_available.cache_clear()
+    assert cclient.tls_available() is Path("/usr/include/openssl/ssl.h").exists()
+    flags, libs = cclient.build_options()
+    assert ("-DASLOAD_TLS" in flags) is ("-lssl" in libs) is cclient.tls_available()
 
 
 def test_max_mode_prints_one_figure(tmp_path: Path) -> None:

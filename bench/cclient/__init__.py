@@ -1,17 +1,22 @@
-"""The C AudioSocket load client (``asload.c``): build it, run one client process, read its records.
+"""The C load client (``asload.c``): build it, run one client process, read its records.
 
-The Python client fills a core near 1000 calls; ``asload`` does the same calls for a fraction
-of the CPU, so the bench can load a daemon to 2000 calls on a 2-core host.  It is compiled on
-first use with the system ``gcc -O2`` into a per-user cache directory under the system temporary
-directory, named by the source's hash (nothing is built into the repository).  It only records
-what happened (set-up starts, frames written, frames read and what they were, send lag); this
-module feeds those records to the same `EchoTracker` and `worker_results` as the Python client,
-so both clients' figures are computed by one piece of code.  `run_worker` takes the Python
-client's `WorkerPlan` and returns the same dict.
+The Python client fills a core near 1000 AudioSocket calls (far fewer on WebSocket); ``asload``
+does the same calls for a fraction of the CPU, so the bench can load a daemon to thousands of
+calls on a 2-core host.  It speaks every transport the Python client does: AudioSocket, and
+chan_websocket over ws:// and wss:// (the upgrade bytes, MEDIA_START, masked μ-law frames, pongs
+and the close exactly as `bench.client` sends them; TLS through OpenSSL, the lab certificate not
+verified).  It is compiled on first use with the system ``gcc -O2`` (and ``-lssl -lcrypto``
+where OpenSSL's headers are: without them, no wss) into a per-user cache directory under the
+system temporary directory, named by the hash of its source and flags (nothing is built into the
+repository).  It only records what happened (set-up starts, frames written, frames read and what
+they were, send lag); this module feeds those records to the same `EchoTracker` and
+`worker_results` as the Python client, so both clients' figures are computed by one piece of
+code.  `run_worker` takes the Python client's `WorkerPlan` and returns the same dict.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -23,20 +28,28 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+from bench import ws
 from bench.client import (
-    AUDIOSOCKET,
     EARLY,
+    TRANSPORTS,
+    WSS,
     WorkerPlan,
     echo_tracker,
     registration_request,
     worker_results,
+    ws_path,
 )
-from bench.frames import TONE_FRAMES, payload
+from bench.frames import TONE_FRAMES, ULAW_BODIES, payload
 
 SOURCE = Path(__file__).with_name("asload.c")
 C, PYTHON, AUTO = "c", "python", "auto"
 CLIENTS = (AUTO, C, PYTHON)
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
+TLS_FLAGS = ("-DASLOAD_TLS",)  # with OpenSSL: wss too
+TLS_LIBS = ("-lssl", "-lcrypto")
+_TLS_PROBE = b"""#include <openssl/ssl.h>
+int main(void) { return SSL_CTX_new(TLS_client_method()) == NULL; }
+"""
 
 # asload.c's ``struct rec`` (packed) and its kinds.
 _RECORD = struct.Struct("<diiB")
@@ -52,23 +65,54 @@ def available() -> bool:
     return shutil.which("gcc") is not None
 
 
+@functools.cache
+def tls_available() -> bool:
+    """Whether the C client can be built with OpenSSL here (a test-compile, once a process)."""
+    if not available():
+        return False
+    with tempfile.TemporaryDirectory(prefix="asload-tls-") as tmp:
+        done = subprocess.run(
+            ["gcc", "-x", "c", "-", "-o", os.path.join(tmp, "probe"), *TLS_LIBS],
+            input=_TLS_PROBE,
+            capture_output=True,
+            check=False,
+        )
+    return done.returncode == 0
+
+
 def choose(requested: str, transport: str) -> str:
-    """``c`` or ``python`` for ``--client requested`` (auto: C for AudioSocket if gcc is here)."""
+    """``c`` or ``python`` for ``--client requested`` on ``transport``.
+
+    auto: C when gcc is here, on wss only if it can also be built with OpenSSL.
+    """
     if requested not in CLIENTS:
         raise ValueError(f"client must be one of {CLIENTS}, not {requested!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
     if requested == AUTO:
-        return C if transport == AUDIOSOCKET and available() else PYTHON
-    if requested == C and transport != AUDIOSOCKET:
-        raise ValueError(f"the C client speaks AudioSocket only, not {transport}")
+        usable = tls_available() if transport == WSS else available()
+        return C if usable else PYTHON
     if requested == C and not available():
         raise BuildFailed("the C client needs gcc on PATH (or use --client python)")
+    if requested == C and transport == WSS and not tls_available():
+        raise BuildFailed(
+            "the C client's wss needs OpenSSL's headers (libssl-dev), or use --client python"
+        )
     return requested
 
 
+def build_options() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """gcc's flags and libraries for asload here: OpenSSL's too where it can be built with it."""
+    if tls_available():
+        return (*CFLAGS, *TLS_FLAGS), TLS_LIBS
+    return CFLAGS, ()
+
+
 def binary() -> Path:
-    """The built client, compiled first if this source (and these flags) never was."""
+    """The built client, compiled first if this source (with these options) never was."""
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    flags, libs = build_options()
+    digest = hashlib.sha256(source + " ".join((*flags, *libs)).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"rapida-bench-{os.getuid()}"
     target = cache / f"asload-{digest}"
     if target.exists():
@@ -76,7 +120,7 @@ def binary() -> Path:
     cache.mkdir(mode=0o700, exist_ok=True)
     partial = cache / f".asload-{digest}.{os.getpid()}"
     done = subprocess.run(
-        ["gcc", *CFLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True
+        ["gcc", *flags, "-o", str(partial), str(SOURCE), *libs], capture_output=True, text=True
     )
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
@@ -86,24 +130,32 @@ def binary() -> Path:
 
 
 def tone_bodies() -> bytes:
-    """What asload reads first: bytes 4..319 of frames 50..99, i.e. each tone body in order."""
-    return b"".join(payload(TONE_FRAMES + f)[4:] for f in range(TONE_FRAMES))
+    """What asload reads first: each PCM tone body in order (bytes 4..319 of frames 50..99),
+    then each μ-law one (`bench.frames.ULAW_BODIES`)."""
+    pcm = b"".join(payload(TONE_FRAMES + f)[4:] for f in range(TONE_FRAMES))
+    return pcm + b"".join(ULAW_BODIES)
 
 
-def identify(payloads: list[bytes]) -> list[int]:
-    """asload's identity of each payload (for tests: it must agree with `frames.identify`)."""
+def identify(payloads: list[bytes], ulaw: bool = False) -> list[int]:
+    """asload's identity of each payload (for tests: it must agree with `frames.identify`, or
+    with `frames.identify_ulaw` for ``ulaw``)."""
     framed = b"".join(len(p).to_bytes(2, "little") + p for p in payloads)
+    command = "identify-ulaw" if ulaw else "identify"
     done = subprocess.run(
-        [str(binary()), "identify"], input=tone_bodies() + framed, capture_output=True, check=True
+        [str(binary()), command], input=tone_bodies() + framed, capture_output=True, check=True
     )
     return [int(line) for line in done.stdout.split()]
 
 
 def _argv(plan: WorkerPlan, out: Path) -> list[str]:
     head, tail = registration_request(plan.assistant, "bench\0", plan.api_key).split(b"\0")
+    upgrade = ws.upgrade_request(ws_path("\0"), f"127.0.0.1:{plan.ws_port}")
+    ws_head, ws_tail = upgrade.split(b"\0")
     options = {
+        "transport": plan.transport,
         "as_port": plan.as_port,
         "http_port": plan.http_port or 0,
+        "ws_port": plan.ws_port or 0,
         "first_index": plan.first_index,
         "hold_from": repr(plan.hold_from),
         "stop_at": repr(plan.stop_at),
@@ -116,14 +168,16 @@ def _argv(plan: WorkerPlan, out: Path) -> list[str]:
         "out_path": out,
         "reg_head": head.decode("latin-1"),
         "reg_tail": tail.decode("latin-1"),
+        "ws_head": ws_head.decode("latin-1"),
+        "ws_tail": ws_tail.decode("latin-1"),
+        "ws_accept": ws.ACCEPT,
     }
     return [str(binary()), *(f"{k}={v}" for k, v in options.items())]
 
 
 def run_worker(plan: WorkerPlan) -> dict[str, Any]:
     """Run ``plan`` with asload and return what `bench.client.run_worker` would."""
-    if plan.transport != AUDIOSOCKET:
-        raise ValueError(f"the C client speaks AudioSocket only, not {plan.transport}")
+    choose(C, plan.transport)
     if plan.cpu is not None:
         os.sched_setaffinity(0, {plan.cpu})  # asload inherits it
     with tempfile.TemporaryDirectory(prefix="asload-") as tmp:
