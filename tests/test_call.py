@@ -194,6 +194,24 @@ class CallTests(SynchronousTestCase):
         self.assertEqual(call.queued_frames, 8)
         self.assertEqual(call.overflow_frames, 5)
 
+    def test_frames_of_a_stream_already_playing_keep_every_rule(self) -> None:
+        leg = FakeLeg()
+        call = self.make_call(leg, max_queue_frames=4)
+        call.play(frame(0))
+        self.tick(1)  # playing now: whole frames take the shortest way into the queue
+        for i in range(1, 7):
+            call.play(frame(i))
+        self.assertEqual((call.queued_frames, call.overflow_frames), (4, 2))  # still bounded
+        call.play(frame(7)[:100])  # a partial frame waits and joins the next audio
+        self.tick(4)
+        call.play(frame(7)[100:] + frame(8)[:100])
+        call.play(frame(8)[100:])
+        self.tick(2)
+        self.assertEqual(leg.out, [frame(i) for i in (0, 1, 2, 3, 4, 7, 8)])
+        call.end(reasons.CALLER_HANGUP)
+        call.play(frame(9))  # nothing is queued after the end
+        self.assertEqual(call.queued_frames, 0)
+
     def test_end_fires_once_and_frees_everything(self) -> None:
         self.call.play(frame(1) * 20)
         self.call.mark("x")

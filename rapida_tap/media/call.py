@@ -189,10 +189,23 @@ class Call:
 
     def play(self, pcm: bytes) -> None:
         """Queue assistant audio (PCM16 at the call's rate, any length) for paced playback."""
+        size = self.frame_bytes
+        queue = self._queue
+        if (
+            len(pcm) == size
+            and self._playing
+            and not self._partial
+            and len(queue) < self._max_queue
+            and self.end_reason is None
+        ):
+            queue.append(pcm)  # one more frame of a stream already playing: the hot path
+            self._queued += 1
+            if self.trim_backlog and len(queue) > REALTIME_BACKLOG:
+                self._drop_oldest(len(queue) - REALTIME_BACKLOG)
+            return
         if self.end_reason is not None or not pcm:
             return
         self._rate_settled = True
-        size = self.frame_bytes
         if self._gap_open:
             self.underruns += 1
             self._gap_open = False
@@ -204,7 +217,6 @@ class Call:
                 self._cushion = int(self._pacer.until_next_tick(self) < NEAR_TICK)
         data = self._partial + pcm if self._partial else pcm
         whole = len(data) - len(data) % size
-        queue = self._queue
         if len(queue) + whole // size > self._max_queue:
             self.overflow_frames += whole // size
             self._partial = b""
