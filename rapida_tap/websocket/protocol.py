@@ -389,11 +389,7 @@ class MediaWebSocketProtocol(WebSocketServerProtocol):
                 self._convert_for(call)
         data = self._framer.push(self._outbound(frame))
         if data:
-            writer = self._writer
-            if writer is not None and internals.websocket_open_and_idle(self):
-                writer.write(binary_frame(data))  # the hot path, as ``_send_binary``
-            else:
-                self._send_binary(data)
+            self._send_binary(data)
         return True
 
     def send_silence(self) -> None:
