@@ -95,9 +95,9 @@ class CallContext:
 #: Seconds a call's record stays readable after it was last written.
 CALL_RECORD_TTL = 3600.0
 #: In the memory store, seconds an ended call's record stays when no transfer is on it: nothing
-#: but ``GET`` of an ended call reads it, and an hour of them at a few hundred calls a minute
-#: would hold megabytes in the daemon.  (Redis keeps every record for ``CALL_RECORD_TTL``.)
-ENDED_RECORD_TTL = 600.0
+#: but ``GET`` of an ended call reads it, and longer at a few hundred calls a minute would hold
+#: megabytes in the daemon.  (Redis keeps every record for ``CALL_RECORD_TTL``.)
+ENDED_RECORD_TTL = 300.0
 
 
 @implementer(IContextStore)
@@ -105,7 +105,8 @@ class MemoryContextStore:
     """The embedded default: contexts of this process only.
 
     Expired and claimed ids are remembered for ``tombstone_ttl`` seconds so that a refusal
-    can say *why* (expired, reused) rather than just "unknown".  Call records are kept for
+    can say *why* (expired, reused) rather than just "unknown"; a claimed id's call record,
+    once written, says "reused" in place of its tombstone.  Call records are kept for
     their TTL (``ENDED_RECORD_TTL`` at most once the call ended without a transfer), at most
     ``max_records`` of them (the least recently written go first), each as compact JSON: a
     third of a dict's memory.
@@ -129,7 +130,7 @@ class MemoryContextStore:
 
     def mint(self, context: CallContext, ttl: float) -> defer.Deferred[str]:
         cid = context.context_id
-        if cid in self._live or cid in self._tombstones:
+        if cid in self._live or cid in self._tombstones or cid in self._records:
             return defer.fail(ValueError(f"context id {cid} already used"))
         timer = self._clock.callLater(ttl, self._expire, cid)
         self._live[cid] = (context, timer)
@@ -138,8 +139,10 @@ class MemoryContextStore:
     def claim(self, context_id: str) -> defer.Deferred[CallContext]:
         entry = self._live.pop(context_id, None)
         if entry is None:
-            tomb = self._tombstones.get(context_id)
-            return defer.fail((tomb or ContextUnknown)(context_id))
+            why = self._tombstones.get(context_id)
+            if why is None:
+                why = ContextReused if context_id in self._records else ContextUnknown
+            return defer.fail(why(context_id))
         context, timer = entry
         timer.cancel()
         self._bury(context_id, ContextReused)
@@ -164,6 +167,8 @@ class MemoryContextStore:
         if "ended" in record and "transfer" not in record:
             ttl = min(ttl, ENDED_RECORD_TTL)
         self._records.set(context_id, _compact(record), ttl)
+        if self._tombstones.get(context_id) is ContextReused:
+            self._tombstones.pop(context_id)  # the record says it from now on
         while len(self._records) > self._max_records:
             self._records.pop_oldest()
         return defer.succeed(None)

@@ -50,7 +50,8 @@ class MemoryRecordTests(SynchronousTestCase):
         self.assertEqual(kept, [ids[0], ids[2], ids[3]])
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # one timer for them all
 
-    def test_an_ended_call_without_a_transfer_is_kept_ten_minutes(self) -> None:
+    def test_an_ended_call_without_a_transfer_is_kept_five_minutes(self) -> None:
+        self.assertEqual(ENDED_RECORD_TTL, 300)
         plain, transferred, live = (new_context_id() for _ in range(3))
         for cid in (plain, transferred, live):
             self.store.update_call(cid, {"node": "a", "started": "1.0"}, 3600)

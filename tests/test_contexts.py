@@ -58,6 +58,24 @@ class MemoryStoreTests(SynchronousTestCase):
         self.clock.advance(31)
         self.failureResultOf(self.store.claim(c.context_id), ContextReused)
 
+    def test_a_claimed_ids_record_says_reused_in_place_of_its_tombstone(self) -> None:
+        c = ctx()
+        self.store.mint(c, 30)
+        self.successResultOf(self.store.claim(c.context_id))
+        self.store.update_call(c.context_id, {"started": "1.0"}, 300)
+        self.assertNotIn(c.context_id, self.store._tombstones)  # one entry per call, not two
+        self.failureResultOf(self.store.claim(c.context_id), ContextReused)
+        self.failureResultOf(self.store.mint(c, 30), ValueError)
+        self.clock.advance(300)  # the record is gone: the id is as good as never seen
+        self.failureResultOf(self.store.claim(c.context_id), ContextUnknown)
+
+    def test_a_record_keeps_an_expired_ids_reason(self) -> None:
+        c = ctx()
+        self.store.mint(c, 30)
+        self.store.update_call(c.context_id, {"outbound": "{}"}, 300)
+        self.clock.advance(30)
+        self.failureResultOf(self.store.claim(c.context_id), ContextExpired)
+
     def test_discard(self) -> None:
         c = ctx()
         self.store.mint(c, 30)
