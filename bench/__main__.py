@@ -208,7 +208,8 @@ def _line(n: int, m: dict[str, Any]) -> str:
         f"underruns={m['underruns_daemon'] if m['underruns_daemon'] is not None else '-'}/"
         f"{m['underruns_client']}  server={m['server_cpu_core_percent']:.0f}%  "
         f"client={m['client']} {m['client_cpu_core_percent']:.0f}% "
-        f"lag p99={m['client_send_lag_ms']['p99']:.3f} ms  failed={m['calls_failed']}"
+        f"lag p99={m['client_send_lag_ms']['p99']:.3f} ms  failed={m['calls_failed']}  "
+        f"full GCs={m['server_gc'].get('full', '-')}"
     )
 
 

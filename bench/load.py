@@ -114,12 +114,14 @@ def run_load(
     with context.Pool(len(plans)) as pool:
         pending = pool.map_async(worker, plans)
         _sleep_until(hold_from, server)
+        gc_a = servers.gc_pauses(server)
         cpu_a = servers.cpu_seconds(server.pid)
         profiler = profile(server, config.hold) if profile else None
         _sleep_until(hold_from + config.hold / 2, server)
         rss_at_n = servers.rss_mb(server.pid)
         _sleep_until(stop_at, server)
         cpu_b = servers.cpu_seconds(server.pid)
+        gc_b = servers.gc_pauses(server)
         results = pending.get(timeout=60 + config.calls / config.ramp + config.hold)
     if profiler is not None:
         profiler.wait(30)
@@ -135,6 +137,7 @@ def run_load(
         daemon=daemon,
     )
     metrics["host_timer_noise_ms"] = noise
+    metrics["server_gc"] = {k: gc_b[k] - gc_a[k] for k in gc_b.keys() & gc_a.keys()}
     return metrics
 
 
@@ -192,6 +195,7 @@ def summarize(
         "client_send_lag_ms": spread_ms(merge(r["lag"] for r in results), 99, 100),
         "client_blocked_writes": sum(r["blocked_writes"] for r in results),
         "host_timer_noise_ms": {},
+        "server_gc": {},
     }
     metrics["meets_bar"] = meets_bar(metrics)
     return metrics

@@ -62,6 +62,34 @@ def rss_mb(pid: int) -> float:
     raise ServerFailed(f"no VmRSS for pid {pid}")
 
 
+def gc_pauses(server: Server) -> dict[str, float]:
+    """The daemon's garbage-collection pauses so far, from ``rapida_gc_pause_seconds``:
+    ``{"full": count, "full_seconds": sum, "young": ..., "young_seconds": ...,
+    "over_10ms": count}`` (empty for a peer, or when /metrics does not answer)."""
+    if server.http_port is None:
+        return {}
+    try:
+        url = f"http://127.0.0.1:{server.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    found = dict.fromkeys(("full", "full_seconds", "young", "young_seconds", "over_10ms"), 0.0)
+    sample = (
+        r'^rapida_gc_pause_seconds_(count|sum|bucket)\{generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$'
+    )
+    for name, gen, le, value in re.findall(sample, text, re.M):
+        kind = "full" if gen == "2" else "young"
+        if name == "count":
+            found[kind] += float(value)
+            found["over_10ms"] += float(value)
+        elif name == "sum":
+            found[kind + "_seconds"] += float(value)
+        elif le == "0.01":
+            found["over_10ms"] -= float(value)
+    return found
+
+
 def daemon_call_counts(log: bytes) -> tuple[int, int, int]:
     """``(calls ended, frames_out, underruns)`` summed over the daemon's "call ended" lines."""
     ended = frames_out = underruns = 0

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 LATENESS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.1, 0.5, 1.0)
 #: seconds; a local Redis answers in well under a millisecond, the command timeout is 1 s
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: seconds; a young generation takes microseconds, a full collection of a large heap tens of ms
+GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 class _Totals:
@@ -413,9 +415,20 @@ class NodeMetrics:
             ["operation"],
             registry=self.registry,
         )
+        self.gc_pause = Histogram(
+            "rapida_gc_pause_seconds",
+            "How long each garbage collection stopped the process, by generation (2: full).",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=self.registry,
+        )
+        self._gc_pauses = [self.gc_pause.labels(str(g)) for g in range(3)]
         self.events = EventMetrics(self.registry)
         observe = self.tick_lateness.observe
         bridge.pacer.lateness_observer = lambda late: observe(late if late > 0 else 0.0)
+
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        self._gc_pauses[generation].observe(seconds)
 
     def timed_store(self, store: IContextStore, clock: IReactorTime) -> TimedContextStore:
         return TimedContextStore(store, clock, self.store_latency, self.store_errors)

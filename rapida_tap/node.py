@@ -42,6 +42,7 @@ from rapida_tap.ratelimit import RateLimiter
 from rapida_tap.redis_url import RedisURLError
 from rapida_tap.services import (
     BridgeService,
+    CollectorService,
     ContextStoreService,
     EventsService,
     NodeService,
@@ -298,6 +299,7 @@ class Daemon:
 
     def service(self) -> NodeService:
         top = NodeService(self.drain, ContextStoreService(self.contexts), self.reactor)
+        CollectorService(self.reactor, self.metrics.observe_gc_pause).setServiceParent(top)
         EventsService(self.stop_events).setServiceParent(top)  # stops last: after the calls
         BridgeService(self.bridge).setServiceParent(top)
         OutboundService(self.outbound).setServiceParent(top)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.application import service
 from twisted.internet import defer
 
+from rapida_tap.collector import PauseTimer, freeze_startup_objects
 from rapida_tap.drain import DrainState, install_force_signal
 from rapida_tap.listeners import one_line_exit
 from rapida_tap.reasons import EndReason
@@ -30,6 +31,24 @@ class BridgeService(service.Service):
         self.bridge.accepting = False
         self.bridge.end_all(EndReason.SHUTDOWN)
         self.bridge.pacer.stop()
+
+
+class CollectorService(service.Service):
+    """Times every garbage collection, and freezes the start-up objects once the reactor runs
+    (`rapida_tap.collector`)."""
+
+    def __init__(self, reactor: Any, observe: Callable[[int, float], None]) -> None:
+        self.reactor = reactor
+        self.timer = PauseTimer(observe)
+
+    def startService(self) -> None:
+        super().startService()
+        self.timer.install()
+        self.reactor.callWhenRunning(freeze_startup_objects)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.timer.uninstall()
 
 
 class EventsService(service.Service):

@@ -299,11 +299,12 @@ class MakeServiceTests(unittest.TestCase):
         top = self.make("--api-key", API_KEY)
         self.assertIsInstance(top, service.MultiService)
         children = list(top)
-        self.assertEqual(len(children), 5)
+        self.assertEqual(len(children), 6)
         # Children stop in reverse order: the events (webhook flush) after the calls ended.
-        self.assertIsInstance(children[0], services.EventsService)
-        self.assertIsInstance(children[1], services.BridgeService)
-        self.assertIsInstance(children[2], services.OutboundService)
+        self.assertIsInstance(children[0], services.CollectorService)
+        self.assertIsInstance(children[1], services.EventsService)
+        self.assertIsInstance(children[2], services.BridgeService)
+        self.assertIsInstance(children[3], services.OutboundService)
         listeners = [c for c in children if isinstance(c, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
         # Each listener's factory sits behind the node's connection caps (rapida_tap.admission).
