@@ -139,6 +139,9 @@ class Daemon:
             assistants=make_assistants(settings, reactor),
             idle_timeout=settings.idle_timeout,
         )
+        do_iteration = getattr(reactor, "doIteration", None)
+        if do_iteration is not None:
+            self.bridge.pacer.read_pending = lambda: do_iteration(0)
         self.keys = ApiKeys(settings.api_keys)
         self.audiosocket = AudioSocketFactory(
             LegListener(

@@ -130,6 +130,42 @@ class PacerTests(SynchronousTestCase):
         self.clock.advance(0.025)
         self.assertAlmostEqual(seen[0], 0.005)
 
+    def test_a_stalled_tick_reads_what_arrived_before_it_paces(self) -> None:
+        order: list[str] = []
+        s = Stream(self.clock)
+        s.pace = lambda catch_up: order.append("pace")  # type: ignore[method-assign]
+        self.pacer.read_pending = lambda: order.append("read")
+        self.pacer.add(s)
+        self.clock.advance(0.0215)  # 1.5 ms late: the timer's rounding, not a stall
+        self.assertEqual(order, ["pace"])
+        self.clock.advance(0.021)  # at 42.5 ms, 2.5 ms late: something held the process
+        self.assertEqual(order, ["pace", "read", "pace"])
+
+    def test_streams_that_end_while_reading_are_not_paced_and_the_grid_stays_one(self) -> None:
+        a, b = Stream(self.clock), Stream(self.clock)
+        self.pacer.add(a)
+        self.clock.advance(0.0195)
+
+        def read() -> None:  # a ends, the pacer goes idle, b starts a new grid
+            self.pacer.remove(a)
+            self.pacer.add(b)
+
+        self.pacer.read_pending = read
+        self.clock.advance(0.030)
+        self.assertEqual(len(a.ticks), 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # b's grid's timer only
+        self.pacer.read_pending = None
+        self.clock.pump([0.02] * 5)
+        self.assertEqual(len(b.ticks), 5)
+
+    def test_a_failing_read_is_logged_and_the_tick_goes_on(self) -> None:
+        s = Stream(self.clock)
+        self.pacer.add(s)
+        self.pacer.read_pending = lambda: 1 / 0  # type: ignore[assignment,func-returns-value]
+        self.clock.advance(0.025)
+        self.assertEqual(len(s.ticks), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
 
 class PhasedPacerTests(SynchronousTestCase):
     """Four ticks per 20 ms; each stream on one of them, once per 20 ms."""

@@ -31,6 +31,9 @@ from rapida_tap.media.audio import FRAME_SECONDS
 # intervals of its deadline counts as on time.
 _EARLY = 0.0005
 _TOLERANCE = 0.1
+# A tick this late was held up by the process itself (a garbage collection, a long callback),
+# not by the timer's rounding: audio may have arrived meanwhile and not been read yet.
+_STALLED = 0.002
 
 #: Upper edges (seconds) of the tick-lateness histogram; a last bucket holds everything later.
 #: A call snapshots the counts when it starts and reads the difference when it ends, so each
@@ -105,6 +108,10 @@ class Pacer:
         self.late_ticks = 0
         self.lateness = LatenessHistogram()
         self.lateness_observer: Callable[[float], None] | None = None  # seconds, for metrics
+        #: Reads what the sockets hold now (the reactor's ``doIteration(0)``), called before a
+        #: stalled tick: the callers' frames that arrived during the stall go out on this tick
+        #: instead of silence (a click) and a frame owed to the next.
+        self.read_pending: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._phase_of)
@@ -181,11 +188,20 @@ class Pacer:
         self.remove(stream)
 
     def _tick(self) -> None:
+        timer = self._timer
         now = self._clock.seconds()
         phases = self.phases
         first = self._next
-        due = max(first, math.floor((now - self._start) / self._step + _TOLERANCE * phases))
         late = now - (self._start + first * self._step)
+        if late > _STALLED and self.read_pending is not None:
+            try:
+                self.read_pending()
+            except Exception:
+                self.log.failure("reading before a late tick failed")
+            if self._timer is not timer:
+                return  # every stream ended meanwhile, or the pacer was stopped or restarted
+            now = self._clock.seconds()
+        due = max(first, math.floor((now - self._start) / self._step + _TOLERANCE * phases))
         self.lateness.add(late)
         if self.lateness_observer is not None:
             self.lateness_observer(late)
