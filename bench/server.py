@@ -65,9 +65,11 @@ def rss_mb(pid: int) -> float:
 def gc_pauses(server: Server) -> dict[str, float]:
     """The daemon's garbage-collection pauses so far, from ``rapida_gc_pause_seconds``:
     ``{"full": count, "full_seconds": sum, "young": ..., "young_seconds": ...,
-    "over_10ms": count}`` (empty for a peer, or when /metrics does not answer)."""
+    "over_10ms": count, "scrape_seconds": how long /metrics took to answer}`` (empty for a
+    peer, or when /metrics does not answer)."""
     if server.http_port is None:
         return {}
+    began = time.monotonic()
     try:
         url = f"http://127.0.0.1:{server.http_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
@@ -75,6 +77,7 @@ def gc_pauses(server: Server) -> dict[str, float]:
     except OSError:
         return {}
     found = dict.fromkeys(("full", "full_seconds", "young", "young_seconds", "over_10ms"), 0.0)
+    found["scrape_seconds"] = time.monotonic() - began
     sample = (
         r'^rapida_gc_pause_seconds_(count|sum|bucket)\{generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$'
     )

@@ -229,6 +229,7 @@ ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("server full GCs, hold", ("server_gc", "full"), "{:.0f}"),
     ("server full GC s, hold", ("server_gc", "full_seconds"), "{:.3f}"),
     ("server GC pauses >10 ms", ("server_gc", "over_10ms"), "{:.0f}"),
+    ("/metrics scrape ms", ("server_gc", "scrape_ms"), "{:.1f}"),
     ("server RSS MB", ("server_rss_mb",), "{:.1f}"),
     ("server RSS MB/call", ("server_rss_per_call_mb",), "{:.4f}"),
     ("client", ("client",), "{}"),

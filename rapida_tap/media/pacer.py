@@ -31,9 +31,6 @@ from rapida_tap.media.audio import FRAME_SECONDS
 # intervals of its deadline counts as on time.
 _EARLY = 0.0005
 _TOLERANCE = 0.1
-# A tick this late was held up by the process itself (a garbage collection, a long callback),
-# not by the timer's rounding: audio may have arrived meanwhile and not been read yet.
-_STALLED = 0.002
 
 #: Upper edges (seconds) of the tick-lateness histogram; a last bucket holds everything later.
 #: A call snapshots the counts when it starts and reads the difference when it ends, so each
@@ -108,9 +105,11 @@ class Pacer:
         self.late_ticks = 0
         self.lateness = LatenessHistogram()
         self.lateness_observer: Callable[[float], None] | None = None  # seconds, for metrics
-        #: Reads what the sockets hold now (the reactor's ``doIteration(0)``), called before a
-        #: stalled tick: the callers' frames that arrived during the stall go out on this tick
-        #: instead of silence (a click) and a frame owed to the next.
+        #: Reads what the sockets hold now (the reactor's ``doIteration(0)``), called before
+        #: each tick.  The reactor reads a batch of events, then fires the timers that fell due
+        #: meanwhile: frames that arrived while the batch was handled (or a collection, or a
+        #: /metrics scrape, held the process) are not in it.  Read first, they go out on this
+        #: tick instead of silence (a click) and a frame owed to the next.
         self.read_pending: Callable[[], None] | None = None
 
     def __len__(self) -> int:
@@ -193,7 +192,7 @@ class Pacer:
         phases = self.phases
         first = self._next
         late = now - (self._start + first * self._step)
-        if late > _STALLED and self.read_pending is not None:
+        if self.read_pending is not None:
             try:
                 self.read_pending()
             except Exception:
