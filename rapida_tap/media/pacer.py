@@ -196,7 +196,7 @@ class Pacer:
             try:
                 self.read_pending()
             except Exception:
-                self.log.failure("reading before a late tick failed")
+                self.log.failure("reading the sockets before a tick failed")
             if self._timer is not timer:
                 return  # every stream ended meanwhile, or the pacer was stopped or restarted
             now = self._clock.seconds()
