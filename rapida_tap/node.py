@@ -12,6 +12,7 @@ from typing import Any
 
 import treq.client
 from twisted.internet import defer
+from twisted.internet.base import ReactorBase
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -62,6 +63,15 @@ from rapida_tap.websocket.factory import MediaWebSocketFactory
 from rapida_tap.websocket.resource import MediaWebSocketResource
 
 log = Logger(namespace="rapida_tap")
+
+
+def poll_without_waiting(reactor: Any) -> Callable[[], None] | None:
+    """The reactor's own poll with no wait (epoll, poll, select), for the pacer to read the
+    sockets before each tick; None for a reactor without one (asyncio, a test clock)."""
+    do_iteration = getattr(type(reactor), "doIteration", None)
+    if do_iteration is None or do_iteration is ReactorBase.doIteration:
+        return None
+    return lambda: reactor.doIteration(0)
 
 
 def make_context_store(settings: Settings, reactor: Any) -> IContextStore:
@@ -139,9 +149,7 @@ class Daemon:
             assistants=make_assistants(settings, reactor),
             idle_timeout=settings.idle_timeout,
         )
-        do_iteration = getattr(reactor, "doIteration", None)
-        if do_iteration is not None:
-            self.bridge.pacer.read_pending = lambda: do_iteration(0)
+        self.bridge.pacer.read_pending = poll_without_waiting(reactor)
         self.keys = ApiKeys(settings.api_keys)
         self.audiosocket = AudioSocketFactory(
             LegListener(

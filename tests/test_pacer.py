@@ -162,9 +162,10 @@ class PacerTests(SynchronousTestCase):
         s = Stream(self.clock)
         self.pacer.add(s)
         self.pacer.read_pending = lambda: 1 / 0  # type: ignore[assignment,func-returns-value]
-        self.clock.advance(0.025)
-        self.assertEqual(len(s.ticks), 1)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.clock.pump([0.025, 0.02, 0.02])
+        self.assertEqual(len(s.ticks), 3)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)  # then not tried
+        self.assertIsNone(self.pacer.read_pending)
 
 
 class PhasedPacerTests(SynchronousTestCase):

@@ -17,9 +17,12 @@ import uuid
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.base import ReactorBase
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from rapida_tap.audiosocket.wire import Kind, encode_frame
+from rapida_tap.node import poll_without_waiting
 from tests.support import register, start_daemon, tone, wait_until
 
 FRAMES = 12
@@ -100,3 +103,26 @@ class StalledTickTests(TestCase):
     def test_without_reading_first_the_stalled_tick_finds_nothing_to_send(self) -> Any:
         queued = yield self.queue_at_the_stalled_tick(read_pending=False)
         self.assertEqual(queued, 0)
+
+
+class _Polls:
+    def __init__(self) -> None:
+        self.delays: list[float | None] = []
+
+    def doIteration(self, delay: float | None) -> None:
+        self.delays.append(delay)
+
+
+class _NoPoll(ReactorBase):
+    """A reactor that keeps ReactorBase's doIteration, which raises (asyncio's)."""
+
+
+def test_the_pacer_polls_without_waiting_only_where_the_reactor_has_a_poll() -> None:
+    polls = _Polls()
+    read = poll_without_waiting(polls)
+    assert read is not None
+    read()
+    assert polls.delays == [0]
+    assert poll_without_waiting(object.__new__(_NoPoll)) is None
+    assert poll_without_waiting(Clock()) is None
+    assert poll_without_waiting(reactor) is not None  # the tests' epoll reactor

@@ -196,7 +196,8 @@ class Pacer:
             try:
                 self.read_pending()
             except Exception:
-                self.log.failure("reading the sockets before a tick failed")
+                self.read_pending = None  # once: a broken reader must not log 200 times a second
+                self.log.failure("reading the sockets before a tick failed; no longer tried")
             if self._timer is not timer:
                 return  # every stream ended meanwhile, or the pacer was stopped or restarted
             now = self._clock.seconds()
