@@ -38,8 +38,8 @@ class FreezeTests(SynchronousTestCase):
         alive = _Cycle()
         frozen = freeze_startup_objects()
         self.assertGreater(sum(collected), 0)  # the cycle dropped above went first
-        self.assertEqual(frozen, gc.get_freeze_count())
         self.assertGreater(frozen, 1000)  # the test process's modules, at least
+        self.assertGreater(gc.get_freeze_count(), 1000)  # (a frozen object freed leaves it)
         for generation in range(3):
             self.assertFalse(any(o is alive for o in gc.get_objects(generation=generation)))
 
