@@ -1,4 +1,4 @@
-"""Garbage collection: start-up objects frozen out of it, every pause timed and exposed."""
+"""Garbage collection: start-up objects frozen out of it, and every pause timed."""
 
 from __future__ import annotations
 
@@ -6,17 +6,10 @@ import gc
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from rapida_tap.assistants.echo import EchoAssistant
-from rapida_tap.assistants.registry import AssistantRegistry
 from rapida_tap.collector import PauseTimer, freeze_startup_objects
-from rapida_tap.contexts import MemoryContextStore
-from rapida_tap.media.bridge import MediaBridge
-from rapida_tap.metrics import NodeMetrics
 from rapida_tap.services import CollectorService
 
 
@@ -83,30 +76,3 @@ class CollectorServiceTests(SynchronousTestCase):
         service.stopService()
         gc.collect(1)
         self.assertEqual(pauses, [1])
-
-
-class MetricsTests(SynchronousTestCase):
-    def test_pauses_are_a_histogram_by_generation(self) -> None:
-        clock = Clock()
-        bridge = MediaBridge(
-            clock=clock,
-            contexts=MemoryContextStore(clock),
-            assistants=AssistantRegistry(default=EchoAssistant()),
-        )
-        metrics = NodeMetrics(bridge)
-        metrics.observe_gc_pause(2, 0.035)
-        metrics.observe_gc_pause(0, 0.00002)
-        text = generate_latest(metrics.registry).decode()
-        found = {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name.startswith("rapida_gc_pause_seconds")
-        }
-        full = (("generation", "2"),)
-        self.assertEqual(found[("rapida_gc_pause_seconds_count", full)], 1)
-        self.assertEqual(found[("rapida_gc_pause_seconds_bucket", (*full, ("le", "0.02")))], 0)
-        self.assertEqual(found[("rapida_gc_pause_seconds_bucket", (*full, ("le", "0.05")))], 1)
-        young = (("generation", "0"),)
-        self.assertEqual(found[("rapida_gc_pause_seconds_bucket", (*young, ("le", "0.0001")))], 1)
-        self.assertEqual(found[("rapida_gc_pause_seconds_count", (("generation", "1"),))], 0)

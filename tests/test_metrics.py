@@ -36,6 +36,12 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+def memory_bridge(clock: Clock, store: MemoryContextStore) -> MediaBridge:
+    return MediaBridge(
+        clock=clock, contexts=store, assistants=AssistantRegistry(default=EchoAssistant())
+    )
+
+
 @defer.inlineCallbacks
 def scrape(port: int, accept: str | None = None) -> Any:
     headers = {"Connection": "close"}
@@ -143,10 +149,7 @@ class StoreTimingTests(SynchronousTestCase):
     def test_latency_outcomes_and_errors(self) -> None:
         clock = Clock()
         store = MemoryContextStore(clock)
-        bridge = MediaBridge(
-            clock=clock, contexts=store, assistants=AssistantRegistry(default=EchoAssistant())
-        )
-        metrics = NodeMetrics(bridge)
+        metrics = NodeMetrics(memory_bridge(clock, store))
         timed = metrics.timed_store(store, clock)
         slow: defer.Deferred[Any] = defer.Deferred()
         store.mint = lambda context, ttl: slow  # type: ignore[method-assign]
@@ -174,11 +177,7 @@ class StoreTimingTests(SynchronousTestCase):
 
     def test_pacer_lateness_is_observed_per_tick_and_never_negative(self) -> None:
         clock = Clock()
-        bridge = MediaBridge(
-            clock=clock,
-            contexts=MemoryContextStore(clock),
-            assistants=AssistantRegistry(default=EchoAssistant()),
-        )
+        bridge = memory_bridge(clock, MemoryContextStore(clock))
         metrics = NodeMetrics(bridge)
         assert bridge.pacer.lateness_observer is not None
         bridge.pacer.lateness_observer(-0.0005)  # fired early, as the pacer aims to
@@ -188,3 +187,16 @@ class StoreTimingTests(SynchronousTestCase):
         self.assertEqual(value("rapida_pacer_tick_lateness_seconds_bucket", {"le": "0.001"}), 1)
         self.assertEqual(value("rapida_pacer_tick_lateness_seconds_bucket", {"le": "0.02"}), 1)
         self.assertAlmostEqual(value("rapida_pacer_tick_lateness_seconds_sum"), 0.03)
+
+    def test_garbage_collection_pauses_are_a_histogram_by_generation(self) -> None:
+        clock = Clock()
+        metrics = NodeMetrics(memory_bridge(clock, MemoryContextStore(clock)))
+        metrics.observe_gc_pause(2, 0.035)
+        metrics.observe_gc_pause(0, 0.00002)
+        value = metrics.registry.get_sample_value
+        full, young = {"generation": "2"}, {"generation": "0"}
+        self.assertEqual(value("rapida_gc_pause_seconds_count", full), 1)
+        self.assertEqual(value("rapida_gc_pause_seconds_bucket", {**full, "le": "0.02"}), 0)
+        self.assertEqual(value("rapida_gc_pause_seconds_bucket", {**full, "le": "0.05"}), 1)
+        self.assertEqual(value("rapida_gc_pause_seconds_bucket", {**young, "le": "0.0001"}), 1)
+        self.assertEqual(value("rapida_gc_pause_seconds_count", {"generation": "1"}), 0)
