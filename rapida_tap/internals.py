@@ -52,8 +52,9 @@ def check() -> None:
 def _check_tls() -> None:
     """What ``rapida_tap.tls_transport`` and the ``tls_*`` helpers below use."""
     names = (
-        "_flushReceiveBIO",
         "_flushSendBIO",
+        "_shutdownTLS",
+        "_tlsShutdownFinished",
         "_lostTLSConnection",
         "_aborted",
         "_handshakeDone",
@@ -179,21 +180,18 @@ def websocket_open_and_idle(proto: WebSocketProtocol) -> bool:
     return proto.state == proto.STATE_OPEN and proto.send_state == proto.SEND_STATE_GROUND
 
 
-# -- pyOpenSSL: one record in or out with one crossing into OpenSSL each ----------------------
+# -- pyOpenSSL: a socket read in, a frame out, with as few crossings into OpenSSL as can be ---
 #
 # pyOpenSSL's ``recv``/``send``/``bio_read``/``bio_write`` each allocate a buffer or a buffer
-# view and check their arguments before the one OpenSSL call; for a 20 ms frame each way that
-# was more than the encryption.  These make the same OpenSSL calls on a buffer allocated once
-# (the reactor is one thread) and leave every error to pyOpenSSL's own handling, so they raise
-# exactly what the pyOpenSSL method would.
+# view and check their arguments before the one OpenSSL call, and Twisted asks OpenSSL twice
+# more per record whether anything is left; for a 20 ms frame each way that was more than the
+# encryption.  These make the same OpenSSL calls on a buffer allocated once (the reactor is
+# one thread) and leave every error to pyOpenSSL's own handling, so each error is exactly the
+# one the pyOpenSSL method would raise.
 
 TLS_BUFFER_SIZE = 1 << 15
+"""Twice the most plaintext a TLS record carries: one ``SSL_read`` takes a whole record."""
 _tls_buffer = _ffi.new("char[]", TLS_BUFFER_SIZE)
-
-
-def tls_unread(conn: SSL.Connection) -> int:
-    """Bytes OpenSSL holds for reading: undecrypted input, or decrypted but not yet read."""
-    return _ssl_lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL) or _ssl_lib.SSL_pending(conn._ssl)  # type: ignore[no-any-return]
 
 
 def tls_unsent(conn: SSL.Connection) -> int:
@@ -201,40 +199,49 @@ def tls_unsent(conn: SSL.Connection) -> int:
     return _ssl_lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL)  # type: ignore[no-any-return]
 
 
-def tls_take_unsent(conn: SSL.Connection) -> bytes:
-    """Every byte of those records (``b""`` if none)."""
-    size = tls_unsent(conn)
-    if not size:
-        return b""
-    if size > TLS_BUFFER_SIZE:
-        return conn.bio_read(size)
-    got = _ssl_lib.BIO_read(conn._from_ssl, _tls_buffer, size)
-    if got <= 0:
-        conn._handle_bio_errors(conn._from_ssl, got)
-        return b""
-    return _ffi.buffer(_tls_buffer, got)[:]
+def tls_decrypt(conn: SSL.Connection, data: bytes) -> tuple[bytes, SSL.Error | None]:
+    """Hand OpenSSL ``data`` read from the socket; the plaintext of every whole record in it.
 
-
-def tls_feed(conn: SSL.Connection, data: bytes) -> None:
-    """Hand OpenSSL bytes read from the socket (``conn.bio_write``)."""
-    written = _ssl_lib.BIO_write(conn._into_ssl, data, len(data))
+    Returns the plaintext and what stopped the reading: None when OpenSSL holds nothing more,
+    else the error ``conn.recv`` would have raised there (``WantReadError``: part of a record
+    waits for more, or a record had nothing for the application; ``ZeroReturnError``:
+    close_notify; any other: an alert or a corrupt record).  It is returned, not raised, so
+    that what was decrypted before it is not lost; OpenSSL's error queue is emptied either way.
+    """
+    into = conn._into_ssl
+    written = _ssl_lib.BIO_write(into, data, len(data))
     if written <= 0:
-        conn._handle_bio_errors(conn._into_ssl, written)
+        conn._handle_bio_errors(into, written)
+    ssl = conn._ssl
+    plaintext = b""
+    while True:
+        got = _ssl_lib.SSL_read(ssl, _tls_buffer, TLS_BUFFER_SIZE)
+        if got <= 0:
+            try:
+                conn._raise_ssl_error(ssl, got)
+            except SSL.Error as e:
+                return plaintext, e
+            return plaintext, None
+        plaintext += _ffi.unpack(_tls_buffer, got)
+        if not _ssl_lib.BIO_get_mem_data(into, _ffi.NULL) and not _ssl_lib.SSL_pending(ssl):
+            return plaintext, None
 
 
-def tls_recv(conn: SSL.Connection, size: int) -> bytes:
-    """Decrypted bytes, at most ``size`` (``conn.recv``): raises ``WantReadError`` and the rest
-    as pyOpenSSL does."""
-    got = _ssl_lib.SSL_read(conn._ssl, _tls_buffer, min(size, TLS_BUFFER_SIZE))
-    if got <= 0:
-        conn._raise_ssl_error(conn._ssl, got)
-        return b""
-    return _ffi.buffer(_tls_buffer, got)[:]
+def tls_encrypt(conn: SSL.Connection, data: bytes) -> bytes:
+    """Encrypt ``data`` (at most one record's worth) and take its record for the socket.
 
-
-def tls_send(conn: SSL.Connection, data: bytes) -> int:
-    """Encrypt ``data`` into records (``conn.send``); how many bytes it took."""
-    sent = _ssl_lib.SSL_write(conn._ssl, data, len(data))
+    Raises as ``conn.send`` would; on an error nothing of ``data`` was encrypted.
+    """
+    ssl = conn._ssl
+    sent = _ssl_lib.SSL_write(ssl, data, len(data))
     if sent <= 0:
-        conn._raise_ssl_error(conn._ssl, sent)
-    return sent  # type: ignore[no-any-return]
+        conn._raise_ssl_error(ssl, sent)
+    from_ssl = conn._from_ssl
+    records = b""
+    while True:
+        got = _ssl_lib.BIO_read(from_ssl, _tls_buffer, TLS_BUFFER_SIZE)
+        if got <= 0:
+            return records  # taken to the last byte
+        records += _ffi.unpack(_tls_buffer, got)
+        if got < TLS_BUFFER_SIZE:
+            return records

@@ -7,11 +7,12 @@ handed to TCP, which waits for a writable event.  A call is one small record eac
 20 ms, so on wss:// those costs were most of a call's CPU.
 
 This subclass keeps Twisted's code for everything that is not that plain case (handshake,
-shutdown, alerts, partial records, flow control) and adds two shortcuts:
+shutdown, alerts, partial records, flow control, writes bigger than a record) and adds two
+shortcuts, each crossing into OpenSSL as few times as it can (``internals.tls_*``):
 
-* in: the read loop stops when OpenSSL holds nothing more, instead of on the exception;
-* both ways: each record crosses into OpenSSL once, without pyOpenSSL's per-call buffers
-  (``internals.tls_*``);
+* in: the records of one socket read are decrypted in one go and handed on as one read
+  (part of a record waits in OpenSSL for the next read; close_notify and alerts end TLS as
+  Twisted's own read loop ends it);
 * out: ``write_now`` encrypts a frame at once and returns the record, for ``FrameWriter`` to
   send straight to the socket when nothing waits in front of it.
 """
@@ -21,12 +22,9 @@ from __future__ import annotations
 from OpenSSL import SSL
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from rapida_tap import internals
-
-READ_SIZE = 4096
-"""Bytes asked of one ``SSL_read``: a call's record is 166-666 bytes; a bigger one takes more
-reads of the same loop."""
 
 RECORD_SIZE = 16384
 """The most plaintext one TLS record carries."""
@@ -36,31 +34,32 @@ class MediaTLSTransport(BufferingTLSTransport):
     """A server-side TLS connection that carries a call well (see the module docstring)."""
 
     def dataReceived(self, data: bytes) -> None:
-        if self._handshakeDone and not self._appSendBuffer:
-            internals.tls_feed(self._tlsConnection, data)
-            self._flushReceiveBIO()
-        else:
+        if not self._handshakeDone or self._appSendBuffer:
             super().dataReceived(data)
-
-    def _flushReceiveBIO(self) -> None:
+            return
         conn = self._tlsConnection
-        while not self._lostTLSConnection and internals.tls_unread(conn):
-            try:
-                data = internals.tls_recv(conn, READ_SIZE)
-            except SSL.Error:
-                break  # a partial record, close_notify or an alert: Twisted's loop below
-            if not self._aborted:
-                ProtocolWrapper.dataReceived(self, data)
+        plaintext, stopped = internals.tls_decrypt(conn, data)
+        if plaintext and not self._aborted:
+            ProtocolWrapper.dataReceived(self, plaintext)
+        if stopped is None or isinstance(stopped, SSL.WantReadError):
+            if internals.tls_unsent(conn):
+                self._flushSendBIO()  # an answer OpenSSL made (an alert, a key update)
+            return
+        if self._lostTLSConnection:
+            return
+        # The end of TLS, handled as Twisted's own read loop handles it.
+        if isinstance(stopped, SSL.ZeroReturnError):
+            self._shutdownTLS()
+            self._tlsShutdownFinished(None)
         else:
-            if not internals.tls_unsent(conn):
-                return
-        super()._flushReceiveBIO()
+            self._tlsShutdownFinished(Failure(stopped))
 
     def write_now(self, data: bytes) -> bytes:
         """Encrypt ``data`` now and return its records, to be written after whatever this
         connection already handed to TCP; ``b""`` when it went Twisted's buffered way."""
         if (
-            self._appSendBuffer
+            not 0 < len(data) <= RECORD_SIZE
+            or self._appSendBuffer
             or not self._handshakeDone
             or self._lostTLSConnection
             or self.disconnecting
@@ -68,18 +67,11 @@ class MediaTLSTransport(BufferingTLSTransport):
             self.write(data)
             return b""
         self._aggregator.flush()  # earlier small writes (a control message) go first
-        conn = self._tlsConnection
-        sent = 0
         try:
-            if 0 < len(data) <= RECORD_SIZE:  # a frame: one record
-                sent = internals.tls_send(conn, data)
-            while sent < len(data):
-                sent += internals.tls_send(conn, data[sent : sent + RECORD_SIZE])
+            return internals.tls_encrypt(self._tlsConnection, data)
         except SSL.Error:
-            self._flushSendBIO()  # what was encrypted goes first, through TCP's buffer
-            TLSMemoryBIOProtocol.write(self, data[sent:])  # sees the same error, handles it
+            TLSMemoryBIOProtocol.write(self, data)  # sees the same error, handles it
             return b""
-        return internals.tls_take_unsent(conn)
 
 
 class MediaTLSFactory(TLSMemoryBIOFactory):

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
+from OpenSSL._util import lib as _ssl_lib
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -39,7 +41,7 @@ class Recorder(Protocol):
 class Pair:
     """The daemon's TLS transport and a client, joined by hand."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, client_max_version: int | None = None) -> None:
         key, cert = make_cert(directory)
         spec = tls.parse_tls_endpoint(f"ssl:0:privateKey={key}:certKey={cert}")
         self.clock = Clock()
@@ -50,7 +52,10 @@ class Pair:
         self.server: MediaTLSTransport = factory.buildProtocol(None)  # type: ignore[assignment]
         self.wire = StringTransport()
         self.server.makeConnection(self.wire)
-        self.client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+        client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        if client_max_version is not None:
+            client_context.set_max_proto_version(client_max_version)
+        self.client = SSL.Connection(client_context, None)
         self.client.set_connect_state()
         for _ in range(4):
             self.client_step()
@@ -149,8 +154,12 @@ def test_close_notify_ends_the_connection_cleanly(pair: Pair) -> None:
     pair.client.shutdown()
     pair.server.dataReceived(pair.take_client())
     assert pair.server._lostTLSConnection
-    pair.server.connectionLost(Failure(ConnectionError("closed")))
-    assert pair.app.lost is not None
+    assert pair.wire.disconnecting
+    pair.feed_client()
+    with pytest.raises(SSL.ZeroReturnError):
+        pair.client.recv(4096)  # our close_notify came back: a clean TLS end
+    pair.server.connectionLost(Failure(ConnectionDone()))
+    assert pair.app.lost is not None and pair.app.lost.check(ConnectionDone)
 
 
 def test_data_then_close_notify_in_one_read(pair: Pair) -> None:
@@ -171,7 +180,7 @@ def test_a_corrupt_record_ends_the_connection_with_an_alert(pair: Pair) -> None:
     assert pair.wire.disconnecting or pair.wire.disconnected
 
 
-def test_whole_records_never_take_twisteds_read_loop(
+def test_records_whole_or_cut_never_take_twisteds_read_loop(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     general: list[int] = []
@@ -185,12 +194,24 @@ def test_whole_records_never_take_twisteds_read_loop(
     for i in range(10):
         pair.server.dataReceived(pair.records(bytes([i]) * 166))
     assert len(pair.app.received) == 10
-    assert general == []
     data = pair.records(b"half")
-    pair.server.dataReceived(data[:5])  # a partial record: the general loop says "want more"
-    assert general == [1]
+    pair.server.dataReceived(data[:5])  # part of a record waits in OpenSSL
+    assert len(pair.app.received) == 10
     pair.server.dataReceived(data[5:])
     assert pair.app.received[-1] == b"half"
+    assert general == []
+
+
+def test_a_record_that_makes_openssl_answer_has_its_answer_sent_at_once(
+    tmp_path: Path,
+) -> None:
+    pair = Pair(tmp_path, client_max_version=SSL.TLS1_2_VERSION)
+    assert pair.client.renegotiate()
+    with pytest.raises(SSL.WantReadError):
+        pair.client.do_handshake()  # a new ClientHello, which OpenSSL refuses with an alert
+    pair.server.dataReceived(pair.take_client())
+    assert pair.app.received == []
+    assert pair.wire.value()  # the answer went to TCP in the same turn
 
 
 @settings(
@@ -215,46 +236,61 @@ def test_records_cut_anywhere_arrive_whole_and_in_order(
 # -- the direct OpenSSL calls raise and return exactly what pyOpenSSL's methods would --------
 
 
-def test_tls_recv_returns_a_copy_and_raises_as_recv_does(pair: Pair) -> None:
+def test_tls_decrypt_gives_every_whole_record_of_a_read(pair: Pair) -> None:
     conn = pair.server._tlsConnection
-    with pytest.raises(SSL.WantReadError):
-        internals.tls_recv(conn, 4096)
-    internals.tls_feed(conn, pair.records(b"first", b"second"))
-    first = internals.tls_recv(conn, 4096)
-    second = internals.tls_recv(conn, 3)  # at most what was asked, the rest stays
-    assert (first, second, internals.tls_recv(conn, 4096)) == (b"first", b"sec", b"ond")
+    assert internals.tls_decrypt(conn, pair.records(b"first", b"second")) == (
+        b"firstsecond",
+        None,
+    )
+    big = bytes(range(256)) * 64  # 16 KiB: the largest record, read whole
+    assert internals.tls_decrypt(conn, pair.records(big)) == (big, None)
+    x, third = pair.records(b"x"), pair.records(b"third")
+    plaintext, stopped = internals.tls_decrypt(conn, x + third[:4])
+    assert (plaintext, type(stopped)) == (b"x", SSL.WantReadError)  # part of a record waits
+    assert internals.tls_decrypt(conn, third[4:]) == (b"third", None)
+
+
+def test_tls_decrypt_returns_close_notify_after_the_data_before_it(pair: Pair) -> None:
+    data = pair.records(b"last")
     pair.client.shutdown()
-    internals.tls_feed(conn, pair.take_client())
-    with pytest.raises(SSL.ZeroReturnError):
-        internals.tls_recv(conn, 4096)
+    data += pair.take_client()
+    plaintext, stopped = internals.tls_decrypt(pair.server._tlsConnection, data)
+    assert (plaintext, type(stopped)) == (b"last", SSL.ZeroReturnError)
 
 
-def test_tls_recv_raises_on_a_corrupt_record_as_recv_does(pair: Pair) -> None:
+def test_tls_decrypt_of_a_corrupt_record_returns_the_error_and_leaves_none_behind(
+    pair: Pair,
+) -> None:
     data = bytearray(pair.records(b"z" * 166))
     data[-1] ^= 0xFF
-    internals.tls_feed(pair.server._tlsConnection, bytes(data))
-    with pytest.raises(SSL.Error, match="bad record mac"):
-        internals.tls_recv(pair.server._tlsConnection, 4096)
+    plaintext, stopped = internals.tls_decrypt(pair.server._tlsConnection, bytes(data))
+    assert plaintext == b""
+    assert isinstance(stopped, SSL.Error) and "bad record mac" in str(stopped)
+    assert _ssl_lib.ERR_peek_error() == 0  # nothing stale for another connection's call
 
 
-def test_tls_send_and_take_unsent_give_records_the_client_reads(pair: Pair) -> None:
+def test_tls_encrypt_gives_the_record_the_client_reads(pair: Pair) -> None:
     conn = pair.server._tlsConnection
-    assert internals.tls_take_unsent(conn) == b""
-    big = bytes(range(256)) * 64 * 3  # 48 KiB: more records than the shared buffer holds
-    for message in (b"frame", big):
-        sent = 0
-        while sent < len(message):
-            sent += internals.tls_send(conn, message[sent : sent + 16384])
-        records = internals.tls_take_unsent(conn)
+    for message in (b"frame", bytes(range(256)) * 64):
+        records = internals.tls_encrypt(conn, message)
         assert internals.tls_unsent(conn) == 0
         pair.wire.write(records)
         assert pair.client_reads() == message
 
 
-def test_tls_send_raises_as_send_does_once_the_connection_is_shut(pair: Pair) -> None:
+def test_tls_encrypt_raises_as_send_does_once_the_connection_is_shut(pair: Pair) -> None:
     conn = pair.server._tlsConnection
     conn.shutdown()
     with pytest.raises(SSL.Error):
-        internals.tls_send(conn, b"late")
+        internals.tls_encrypt(conn, b"late")
     with pytest.raises(SSL.Error):
         conn.send(b"late")
+
+
+def test_write_now_of_more_than_a_record_takes_the_buffered_way_in_order(pair: Pair) -> None:
+    big = bytes(range(256)) * 64 * 3  # 48 KiB
+    assert pair.server.write_now(big) == b""
+    record = pair.server.write_now(b"after")
+    assert pair.wire.value()  # the big write went to TCP before the frame's record
+    pair.wire.write(record)
+    assert pair.client_reads() == big + b"after"
