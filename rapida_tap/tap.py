@@ -141,6 +141,7 @@ def makeService(options: Options) -> service.MultiService:
     try:
         internals.check()
         internals.dispatch_events_directly(reactor)
+        internals.defer_autobahn_settings_dump()
         daemon = Daemon(settings, reactor, on_drained=reactor.stop)
         check_ports_free(settings)  # a port in use: one line now, before twistd logs or forks
     except (ConfigError, internals.LibraryChanged) as e:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import pprint
 import socket
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import txaio
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract, epollreactor, selectreactor, tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python import context, log
 from twisted.python.failure import Failure
@@ -137,6 +142,36 @@ def test_other_reactors_are_left_alone() -> None:
     before = reactor.doIteration
     assert internals.dispatch_events_directly(reactor) is False
     assert reactor.doIteration == before
+
+
+def test_autobahn_pretty_prints_no_settings_for_a_debug_line_it_drops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(autobahn_protocol, "pformat", autobahn_protocol.pformat)  # put back after
+    level = txaio.get_global_log_level()
+    txaio.set_global_log_level("info")
+    try:
+        assert internals.defer_autobahn_settings_dump()
+        assert not internals.defer_autobahn_settings_dump()  # once is enough
+        real = pprint.pformat
+        dumped: list[object] = []
+
+        def counting(value: object, *args: Any, **kwargs: Any) -> str:
+            dumped.append(value)
+            return real(value, *args, **kwargs)
+
+        monkeypatch.setattr(pprint, "pformat", counting)
+        factory = WebSocketServerFactory()
+        factory.protocol = WebSocketServerProtocol
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        assert dumped == []  # the settings of the new connection were never formatted
+        settings = [("openHandshakeTimeout", 5, "WebSocketServerFactory")]
+        written = f"\n{autobahn_protocol.pformat(settings)}"  # as the line would be written
+        assert written == "\n" + real(settings)
+        assert dumped == [settings]
+    finally:
+        txaio.set_global_log_level(level)
 
 
 class Echo(Protocol):
