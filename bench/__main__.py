@@ -3,6 +3,7 @@
 Modes: ``run`` (one load), ``max`` (largest N meeting the quality bar), ``reg`` (registrations/s
 at saturation), ``compare`` (the same load against rapida-asterisk and a peer echo server),
 ``soak`` (rounds of calls against one daemon for a long time, watching its RSS and fds),
+``setup`` (the daemon's CPU for one call's set-up and end, calls one at a time),
 ``flood`` (clean calls alone and during a burst of bad AudioSocket connections) and
 ``slowloris`` (registrations while slow-header connections run under a low ``ulimit -n``) and
 ``drain`` (SIGTERM while calls of different lengths are live: how many were cut).
@@ -21,6 +22,7 @@ from bench import server as servers
 from bench.client import AUDIOSOCKET, PATTERNS, TRANSPORTS, WSS
 from bench.drain import drain as run_drain
 from bench.load import LoadConfig, py_spy, run_load, run_registrations_load
+from bench.setup import setup_cost
 from bench.soak import soak as run_soak
 from bench.stats import BAR_INTERVAL_P99_MS, format_table
 
@@ -132,6 +134,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     dr.add_argument("--second-sigterm-at", type=float, help="a second SIGTERM after, s")
     dr.add_argument("--drain-timeout", help="the daemon's drain_timeout [its default]")
     dr.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
+    su = modes.add_parser("setup", help="the daemon's CPU per call set-up, calls one at a time")
+    su.add_argument("-n", "--calls", type=int, default=200, help="calls [200]")
+    su.add_argument("--transport", choices=TRANSPORTS, default=AUDIOSOCKET, help="[audiosocket]")
+    su.add_argument("--core", type=_core, default=1, help="pin the server to this CPU [1]")
+    su.add_argument("--daemon-src", help="run the daemon from this checkout")
+    su.add_argument("--json", help="write the JSON result to this file ('-': stdout)")
     args = parser.parse_args(argv)
     if args.mode == "compare" and not args.peer:
         parser.error("compare needs --peer 'COMMAND {port}'")
@@ -303,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['signals_at']}: {result['cut_by_daemon']} cut by the daemon "
             f"({result['cut_with_hangup_frame']} with a hangup frame); daemon exited "
             f"{result['daemon_exit_code']} at {result['daemon_exited_at']} s"
+        )
+        _emit(result, args.json)
+        return 0
+    if args.mode == "setup":
+        result = setup_cost(args.transport, args.calls, args.core, args.daemon_src)
+        print(
+            f"{result['calls']} {args.transport} calls one at a time ({result['calls_ended']} "
+            f"ended in the daemon's log): daemon CPU {result['daemon_cpu_ms_per_call']:.2f} ms "
+            f"per call set-up and end, {100 * result['daemon_cpu_share']:.0f} % of a core; "
+            f"a call took {result['call_wall_ms_p50']:.1f} ms (p50)"
         )
         _emit(result, args.json)
         return 0
