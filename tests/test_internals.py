@@ -163,6 +163,7 @@ def test_autobahn_pretty_prints_no_settings_for_a_debug_line_it_drops(
         monkeypatch.setattr(pprint, "pformat", counting)
         factory = WebSocketServerFactory()
         factory.protocol = WebSocketServerProtocol
+        factory.setProtocolOptions(openHandshakeTimeout=0)  # no timer left on the reactor
         protocol = factory.buildProtocol(None)
         protocol.makeConnection(StringTransport())
         assert dumped == []  # the settings of the new connection were never formatted
