@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from rapida_tap.logs import log_line
 from rapida_tap.media.call import Call
 from rapida_tap.media.pacer import Pacer
 from rapida_tap.reasons import EndReason, NotAccepting, UnknownAssistant
@@ -86,15 +87,19 @@ class MediaBridge:
             call.caller_rate_is(wire_rate)
         self.calls[context.context_id] = call
         self.calls_total += 1
-        self.log.info(
-            "call {ctx} started: assistant={assistant_id} caller={caller!r} "
-            "transport={transport} direction={direction}{detail}",
+        detail = getattr(leg, "detail", "")
+        log_line(
+            self.log,
+            LogLevel.info,
+            f"call {context.context_id} started: assistant={context.assistant_id} "
+            f"caller={context.caller!r} transport={leg.transport_name} "
+            f"direction={context.direction}{detail}",
             ctx=context.context_id,
             assistant_id=context.assistant_id,
             caller=context.caller,
             transport=leg.transport_name,
             direction=context.direction,
-            detail=getattr(leg, "detail", ""),
+            detail=detail,
         )
         call.when_ended().addCallback(self._ended, call)
         for hook in self.call_started:
@@ -114,22 +119,29 @@ class MediaBridge:
         self.calls.pop(call.context_id, None)
         self.ended_by_reason[reason] = self.ended_by_reason.get(reason, 0) + 1
         extra = {} if self.end_report is None else {"quality": self.end_report(call)}
-        self.log.info(
-            "call {ctx} ended: {reason}{detail} after {duration:.1f}s; assistant={assistant_id} "
-            "caller={caller!r} transport={transport} frames_in={frames_in} "
-            "frames_out={frames_out} underruns={underruns} caller_rate={caller_rate} "
-            "rate={rate} assistant_rate={assistant_rate}",
+        detail = f" ({call.end_detail})" if call.end_detail else ""
+        duration = call.duration()
+        context = call.context
+        caller_rate = call.caller_rate or "-"
+        log_line(
+            self.log,
+            LogLevel.info,
+            f"call {call.context_id} ended: {reason}{detail} after {duration:.1f}s; "
+            f"assistant={context.assistant_id} caller={context.caller!r} "
+            f"transport={call.leg.transport_name} frames_in={call.frames_in} "
+            f"frames_out={call.frames_out} underruns={call.underruns} "
+            f"caller_rate={caller_rate} rate={call.rate} assistant_rate={call.assistant_rate}",
             ctx=call.context_id,
             reason=reason,
-            detail=f" ({call.end_detail})" if call.end_detail else "",
-            duration=call.duration(),
-            assistant_id=call.context.assistant_id,
-            caller=call.context.caller,
+            detail=detail,
+            duration=duration,
+            assistant_id=context.assistant_id,
+            caller=context.caller,
             transport=call.leg.transport_name,
             frames_in=call.frames_in,
             frames_out=call.frames_out,
             underruns=call.underruns,
-            caller_rate=call.caller_rate or "-",
+            caller_rate=caller_rate,
             rate=call.rate,
             assistant_rate=call.assistant_rate,
             **extra,
