@@ -18,13 +18,13 @@ from typing import Any
 from twisted.application import strports
 from twisted.internet import defer, endpoints, error, reactor
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import TestCase
 
 from rapida_tap.config import ConfigError, Settings
 from rapida_tap.listeners import check_listener
-from rapida_tap.logs import event_as_json, json_logger
+from rapida_tap.logs import event_as_json, json_logger, log_line
 from rapida_tap.node import Daemon
 from tests.redis_server import free_port
 from tests.support import (
@@ -202,6 +202,26 @@ def test_json_lines_carry_the_message_and_the_fields() -> None:
     assert "obj" not in first and "log_format" not in first
     assert first["time"].endswith("Z") and "T" in first["time"]
     assert second["level"] == "critical" and "ZeroDivisionError" in second["traceback"]
+
+
+def test_a_line_formatted_beforehand_reads_the_same_and_keeps_its_fields() -> None:
+    events: list[dict[str, Any]] = []
+    out = io.StringIO()
+    json_observer = json_logger(out)
+
+    def both(event: dict[str, Any]) -> None:
+        events.append(event)
+        json_observer(event)
+
+    log = Logger(namespace="rapida_tap.test", observer=both)
+    text = "call c-1 ended: caller-hangup {not a field} after 1.0s"
+    log_line(log, LogLevel.info, text, ctx="c-1", reason="caller-hangup", frames_in=3)
+    (event,) = events
+    assert formatEvent(event) == text  # braces in the text are text, not fields
+    (record,) = (json.loads(line) for line in out.getvalue().splitlines())
+    assert record["message"] == text
+    assert (record["ctx"], record["reason"], record["frames_in"]) == ("c-1", "caller-hangup", 3)
+    assert not [key for key in record if key.startswith("log_")]
 
 
 def test_a_json_line_survives_odd_events() -> None:
