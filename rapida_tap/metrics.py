@@ -244,6 +244,9 @@ class TimedContextStore:
         self._clock = clock
         self._latency = latency
         self._errors = errors
+        # The histogram of each (operation, outcome), looked up once: ``labels()`` takes a
+        # lock and checks its arguments on every call, several times per call set-up.
+        self._latency_of: dict[tuple[str, str], Any] = {}
 
     def mint(self, context: CallContext, ttl: float) -> defer.Deferred[str]:
         return self._timed("mint", self.store.mint, context, ttl)
@@ -286,7 +289,12 @@ class TimedContextStore:
                 if outcome in ("error", "context-store-unavailable"):
                     self._errors.labels(operation).inc()
             elapsed = max(0.0, self._clock.seconds() - started)
-            self._latency.labels(operation, outcome).observe(elapsed)
+            latency = self._latency_of.get((operation, outcome))
+            if latency is None:
+                latency = self._latency_of[operation, outcome] = self._latency.labels(
+                    operation, outcome
+                )
+            latency.observe(elapsed)
             return result
 
         return d.addBoth(done)

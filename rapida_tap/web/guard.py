@@ -36,6 +36,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -209,9 +210,9 @@ def _path_text(path: bytes) -> str:
     return path.split(b"?", 1)[0][:80].decode("latin-1")
 
 
-def guarded_channel() -> http._GenericHTTPChannelProtocol:
+def guarded_channel() -> _GenericHTTPChannelProtocol:
     """What twisted.web's ``Site.protocol`` builds, with `GuardedHTTPChannel` inside."""
-    return http._GenericHTTPChannelProtocol(GuardedHTTPChannel())
+    return _GenericHTTPChannelProtocol(GuardedHTTPChannel())
 
 
 class GuardedSite(Site):

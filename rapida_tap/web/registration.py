@@ -13,6 +13,7 @@ from urllib.parse import unquote
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import OK
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -156,7 +157,7 @@ class RegistrationResource(Resource):
         return NOT_DONE_YET
 
     def _minted(self, context_id: str, request: Request) -> None:
-        self._count(http.OK)
+        self._count(OK)
         if request.finished or request._disconnected:
             return
         body = context_id.encode("ascii")

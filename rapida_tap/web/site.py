@@ -8,6 +8,7 @@ from urllib.parse import unquote
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import _escape
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -36,13 +37,17 @@ def redact_uri(uri: bytes) -> bytes:
 
 
 def redacted_log_formatter(timestamp: str, request: Request) -> str:
-    """Twisted's combined log format, with secrets removed from the request line."""
-    referrer = http._escape(request.getHeader(b"referer") or b"-")
-    agent = http._escape(request.getHeader(b"user-agent") or b"-")
-    ip = http._escape(getattr(request.getClientAddress(), "host", "-"))
-    method = http._escape(request.method)
-    uri = http._escape(redact_uri(request.uri))
-    protocol = http._escape(request.clientproto)
+    """Twisted's combined log format, with secrets removed from the request line.
+
+    (``_escape`` is bound at import: each attribute read through ``twisted.web.http``, a
+    module wrapped for deprecation warnings, costs microseconds, six times per request.)
+    """
+    referrer = _escape(request.getHeader(b"referer") or b"-")
+    agent = _escape(request.getHeader(b"user-agent") or b"-")
+    ip = _escape(getattr(request.getClientAddress(), "host", "-"))
+    method = _escape(request.method)
+    uri = _escape(redact_uri(request.uri))
+    protocol = _escape(request.clientproto)
     length = request.sentLength or "-"
     return (
         f'"{ip}" - - {timestamp} "{method} {uri} {protocol}" '
