@@ -141,6 +141,20 @@ def parse_reply(data: bytes) -> tuple[int, bytes]:
     return int(parts[1]), body
 
 
+def register(port: int, assistant: str, caller: str, api_key: str, timeout: float = 5.0) -> str:
+    """One registration as ``CURL()`` makes it, blocking: the context id (RuntimeError if not
+    200)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(registration_request(assistant, caller, api_key))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status, body = parse_reply(data)
+    if status != 200:
+        raise RuntimeError(f"registration answered {status}")
+    return body.decode("ascii")
+
+
 def run_worker(plan: WorkerPlan) -> dict[str, Any]:
     """Run the plan to the end and return its raw results (see `bench.load.summarize`)."""
     if plan.transport not in TRANSPORTS:

@@ -17,22 +17,10 @@ import uuid
 from typing import Any
 
 from bench import server as servers
-from bench.client import parse_reply, registration_request
+from bench.client import register
 from rapida_tap.audiosocket.wire import AudioSocketDecoder, FrameError, Kind, encode_frame
 
 FRAME = encode_frame(Kind.SLIN_8K, bytes(320))
-
-
-def _register(port: int, index: int) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(registration_request("echo", f"drain{index}", servers.API_KEY))
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    status, body = parse_reply(data)
-    if status != 200:
-        raise RuntimeError(f"registration answered {status}")
-    return body.decode()
 
 
 class _Call:
@@ -58,7 +46,7 @@ def drain(
         sel = selectors.DefaultSelector()
         live: list[_Call] = []
         for i in range(calls):
-            ctx = _register(server.http_port, i)
+            ctx = register(server.http_port, "echo", f"drain{i}", servers.API_KEY)
             sock = socket.create_connection(("127.0.0.1", server.as_port))
             sock.sendall(encode_frame(Kind.UUID, uuid.UUID(ctx).bytes))
             sock.setblocking(False)

@@ -27,28 +27,16 @@ from typing import Any
 
 from bench import server as servers
 from bench import ws
-from bench.client import parse_reply, registration_request
+from bench.client import register
 from bench.load import LoadConfig, run_load
 from bench.server import API_KEY
 
 ATTACKS = ("dtmf", "text", "pings")
 
 
-def register(http_port: int) -> str:
-    with socket.create_connection(("127.0.0.1", http_port), timeout=5) as s:
-        s.sendall(registration_request("flood", "666", API_KEY))
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    status, body = parse_reply(data)
-    if status != 200:
-        raise RuntimeError(f"registration answered {status}")
-    return body.decode()
-
-
 def _dtmf(server: dict[str, int], until: float) -> tuple[str, int]:
     frame = b"\x03\x00\x011" * 1024
-    ctx = register(server["http"])
+    ctx = register(server["http"], "flood", "666", API_KEY)
     sent = 0
     with socket.create_connection(("127.0.0.1", server["as"])) as s:
         s.sendall(b"\x01\x00\x10" + uuid.UUID(ctx).bytes)
@@ -62,7 +50,7 @@ def _dtmf(server: dict[str, int], until: float) -> tuple[str, int]:
 
 
 def _websocket(server: dict[str, int]) -> tuple[str, socket.socket]:
-    ctx = register(server["http"])
+    ctx = register(server["http"], "flood", "666", API_KEY)
     s = socket.create_connection(("127.0.0.1", server["ws"]))
     s.sendall(ws.upgrade_request(f"/v1/talk/asterisk/ctx?ctx={ctx}", "127.0.0.1"))
     head = b""

@@ -19,23 +19,11 @@ from typing import Any
 
 from bench import server as servers
 from bench import ws
-from bench.client import AUDIOSOCKET, WSS, parse_reply, registration_request, ws_path
+from bench.client import AUDIOSOCKET, WSS, register, ws_path
 from rapida_tap.audiosocket.wire import HANGUP_FRAME, Kind, encode_frame
 
 _AUDIO = encode_frame(Kind.SLIN_8K, bytes(320))
 _TIMEOUT = 10.0
-
-
-def _register(port: int, index: int) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=_TIMEOUT) as sock:
-        sock.sendall(registration_request("echo", f"setup{index}", servers.API_KEY))
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    status, body = parse_reply(data)
-    if status != 200:
-        raise RuntimeError(f"registration answered {status}")
-    return body.decode("ascii")
 
 
 def _read_until_closed(sock: socket.socket | ssl.SSLSocket) -> None:
@@ -109,7 +97,7 @@ def setup_cost(
 
 def _one(server: servers.Server, transport: str, index: int, tls: ssl.SSLContext | None) -> None:
     assert server.http_port is not None
-    ctx = _register(server.http_port, index)
+    ctx = register(server.http_port, "echo", f"setup{index}", servers.API_KEY, _TIMEOUT)
     if transport == AUDIOSOCKET:
         _audiosocket_call(server, ctx)
     else:
